@@ -1,0 +1,4 @@
+"""nn.Module wrappers over the engine's ops, with the parameter names of the official checkpoints."""
+from engine.nn.grn import GRN
+
+__all__ = ["GRN"]

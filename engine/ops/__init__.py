@@ -1,0 +1,4 @@
+"""The engine's ops. Each family is a package: reference.py (the spec), fast paths, op.py (entry)."""
+from engine.ops.grn import grn
+
+__all__ = ["grn"]
