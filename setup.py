@@ -22,16 +22,19 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is a header template over OpenMP; without the flag it runs serially.
+    cxx, link = ["-O3", "-std=c++20", "-fopenmp"], ["-fopenmp"]
     with_cuda = bool(torch.version.cuda) and (cpp_extension.CUDA_HOME or shutil.which("nvcc"))
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = cpp_extension.CUDAExtension(
             "engine._C", sources, define_macros=[("KFE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_link_args=link,
         )
     else:
-        ext = cpp_extension.CppExtension("engine._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("engine._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}
 

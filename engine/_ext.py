@@ -43,3 +43,9 @@ def has_op(name: str) -> bool:
     import torch
 
     return hasattr(torch.ops.kfe, name)
+
+
+def require() -> None:
+    """Load the extension or raise ImportError saying why (for modules that wrap its kernels)."""
+    if not loaded():
+        raise ImportError(f"engine._C is not available: {load_error()}")

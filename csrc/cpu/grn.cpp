@@ -5,8 +5,8 @@
 //
 // Each direction is two passes over memory: a reduction over H*W into (N, C) tables, then an
 // elementwise pass (y = x * scale[n,c] + beta[c]; dx = dy * scale[n,c] + x * shift[n,c]).
-// Sums over H*W accumulate in double (3136 terms at ConvNeXt stage 1); the rest runs in opmath
-// (float for half/bfloat16/float, double for double). Outputs are written into buffers the caller
+// Sums over H*W accumulate in blocks of 32 rows in opmath (float for half/bfloat16/float, double for
+// double), then in double across blocks (3136 rows at ConvNeXt stage 1). Outputs are written into buffers the caller
 // allocates, so tests can poison them. Python validates user input; the checks below only guard
 // the raw-pointer contract with the Python side.
 #include <ATen/ATen.h>
@@ -44,20 +44,30 @@ const bool* mask_ptr(const std::optional<at::Tensor>& mask, const Dims& d) {
 
 // For every (n, c): out[k][n*C + c] = sum over visible rows of the k-th term that row_fn adds into
 // acc[k*kChunk + c]. One task per (sample, channel chunk); channels are the contiguous inner loop.
-template <typename RowFn>
+// row_fn accumulates in opmath (vectorizes); every kRowBlock rows the block is flushed into double,
+// so long H*W sums keep double accuracy at float speed.
+constexpr int64_t kRowBlock = 32;
+
+template <typename opmath_t, typename RowFn>
 void reduce_rows(const Dims& d, const bool* mask, RowFn row_fn, const std::vector<double*>& out) {
   const int64_t chunks = (d.C + kChunk - 1) / kChunk;
+  const size_t terms = out.size();
   at::parallel_for(0, d.N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc(out.size() * kChunk);
+    std::vector<double> total(terms * kChunk);
+    std::vector<opmath_t> block(terms * kChunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * kChunk, width = std::min(kChunk, d.C - c0);
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t hw = 0; hw < d.HW; ++hw) {
-        const int64_t row = n * d.HW + hw;
-        if (!mask || mask[row]) row_fn(row * d.C + c0, width, acc.data());
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t h0 = 0; h0 < d.HW; h0 += kRowBlock) {
+        std::fill(block.begin(), block.end(), opmath_t(0));
+        for (int64_t hw = h0; hw < std::min(h0 + kRowBlock, d.HW); ++hw) {
+          const int64_t row = n * d.HW + hw;
+          if (!mask || mask[row]) row_fn(row * d.C + c0, width, block.data());
+        }
+        for (size_t i = 0; i < total.size(); ++i) total[i] += block[i];
       }
-      for (size_t k = 0; k < out.size(); ++k)
-        std::copy(acc.begin() + k * kChunk, acc.begin() + k * kChunk + width, out[k] + n * d.C + c0);
+      for (size_t k = 0; k < terms; ++k)
+        std::copy(total.begin() + k * kChunk, total.begin() + k * kChunk + width, out[k] + n * d.C + c0);
     }
   });
 }
@@ -88,9 +98,9 @@ void grn_fwd_typed(const at::Tensor& x, const at::Tensor& gamma, const at::Tenso
   const opmath_t* bet = beta.data_ptr<opmath_t>();
 
   std::vector<double> sumsq(d.N * d.C);
-  reduce_rows(d, mask, [&](int64_t off, int64_t width, double* acc) {
+  reduce_rows<opmath_t>(d, mask, [&](int64_t off, int64_t width, opmath_t* acc) {
     for (int64_t c = 0; c < width; ++c) {
-      const double v = static_cast<opmath_t>(xp[off + c]);
+      const opmath_t v = static_cast<opmath_t>(xp[off + c]);
       acc[c] += v * v;
     }
   }, {sumsq.data()});
@@ -119,9 +129,9 @@ void grn_bwd_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
 
   // One read of (x, dy): Q = sum x^2 (Gx = sqrt Q), S = sum dy*x, B = sum dy, over visible rows.
   std::vector<double> Q(d.N * d.C), S(d.N * d.C), B(d.N * d.C);
-  reduce_rows(d, mask, [&](int64_t off, int64_t width, double* acc) {
+  reduce_rows<opmath_t>(d, mask, [&](int64_t off, int64_t width, opmath_t* acc) {
     for (int64_t c = 0; c < width; ++c) {
-      const double v = static_cast<opmath_t>(xp[off + c]), g = static_cast<opmath_t>(gp[off + c]);
+      const opmath_t v = static_cast<opmath_t>(xp[off + c]), g = static_cast<opmath_t>(gp[off + c]);
       acc[c] += v * v;
       acc[kChunk + c] += g * v;
       acc[2 * kChunk + c] += g;

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from engine import _ext
 from engine.ops import _alloc
+
+_ext.require()  # registers torch.ops.kfe._grn_*_cpp
 
 
 def _params(x: torch.Tensor, *params: torch.Tensor):

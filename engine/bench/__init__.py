@@ -1,0 +1,16 @@
+"""`kfe bench`: time fwd / bwd / fwd+bwd of every provider of an op, against the machine's roofline.
+
+Suites are modules with `cases(device, sizes, dtypes) -> list[Case]`, registered by name in SUITES;
+models and training recipes add theirs with `register_suite`.
+"""
+from engine.bench.core import MODES, Case, run
+from engine.bench.report import markdown, write_json
+
+SUITES: dict[str, str] = {"grn": "engine.ops.grn.bench"}
+
+
+def register_suite(name: str, module: str) -> None:
+    SUITES[name] = module
+
+
+__all__ = ["MODES", "SUITES", "Case", "markdown", "register_suite", "run", "write_json"]

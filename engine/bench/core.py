@@ -1,0 +1,101 @@
+"""Benchmark cases and the loop that times them.
+
+A suite (one per op, e.g. engine/ops/grn/bench.py) returns Cases. A Case is one input shape and dtype
+with several providers (reference eager, torch.compile(reference), the KFE op, peers) that compute
+the same function, plus the minimum bytes and the useful FLOPs of each mode. `run` times every
+provider in every mode and returns one record per (op, provider, mode, shape, dtype).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from engine.bench import machine
+from engine.bench.timing import peak_memory_mb, time_fn
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str                                  # e.g. "64x56x56x512"
+    dtype: torch.dtype
+    device: torch.device
+    make_inputs: Callable[[], tuple]            # fresh inputs for one provider
+    providers: dict[str, Callable]              # name -> fn(*inputs) -> tensor
+    bytes: dict[str, float]                     # mode -> minimum bytes moved
+    flops: dict[str, float] = field(default_factory=dict)  # mode -> useful FLOPs
+    grad_inputs: Sequence[int] = (0,)           # inputs differentiated in bwd modes
+    baseline: str = "reference"                 # provider the speedups are relative to
+
+
+def _step(fn: Callable, inputs: tuple, mode: str, grad_inputs: Sequence[int]) -> Callable[[], object]:
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+        return forward
+    leaves = [inputs[i] for i in grad_inputs]
+    if mode == "fwd+bwd":
+        def forward_backward():
+            out = fn(*inputs)
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return forward_backward
+    out = fn(*inputs)  # bwd: one forward, then time only the backward through its graph
+    upstream = torch.ones_like(out)
+    return lambda: torch.autograd.grad(out, leaves, upstream, retain_graph=True)
+
+
+def _prepare(case: Case, mode: str) -> tuple:
+    inputs = case.make_inputs()
+    if mode == "fwd":
+        return inputs
+    return tuple(t.detach().requires_grad_(True) if i in case.grad_inputs else t for i, t in enumerate(inputs))
+
+
+def _time_provider(case: Case, name: str, fn: Callable, mode: str, warmup: int, repeats: int) -> dict:
+    dtype = str(case.dtype).removeprefix("torch.")
+    rec = {"op": case.op, "provider": name, "mode": mode, "shape": case.shape, "dtype": dtype}
+    step = _step(fn, _prepare(case, mode), mode, case.grad_inputs)
+    try:
+        t = time_fn(step, case.device, warmup, repeats)
+        mem = peak_memory_mb(step, case.device)
+    except Exception as err:  # noqa: BLE001 - a provider that fails is reported, not fatal
+        return {**rec, "error": repr(err)[:300]}
+    seconds = t["p50"] * 1e-3
+    rec.update(ms=t, peak_mem_mb=mem, bytes=case.bytes.get(mode), flops=case.flops.get(mode))
+    if rec["bytes"]:
+        rec["gbs"] = rec["bytes"] / seconds / 1e9
+        rec["pct_bandwidth"] = 100 * rec["bytes"] / seconds / machine.measured_bandwidth(str(case.device))
+    if rec["flops"]:
+        rec["tflops"] = rec["flops"] / seconds / 1e12
+        peak = machine.spec(case.device).get("bf16_flops")
+        if peak:
+            rec["pct_peak_flops"] = 100 * rec["flops"] / seconds / peak
+    return rec
+
+
+def run(cases: Sequence[Case], modes: Sequence[str], warmup: int, repeats: int,
+        providers: Sequence[str] | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Time every (case, mode, provider); `providers` filters by name (the baseline always runs)."""
+    records = []
+    for case in cases:
+        meta = {**machine.info(case.device),
+                "measured_bandwidth_gbs": machine.measured_bandwidth(str(case.device)) / 1e9}
+        for mode in modes:
+            group = []
+            for name, fn in case.providers.items():
+                if providers and name not in providers and name != case.baseline:
+                    continue
+                if progress:
+                    progress(f"{case.op} {case.shape} {str(case.dtype).removeprefix('torch.')} {mode} {name}")
+                group.append({**meta, **_time_provider(case, name, fn, mode, warmup, repeats)})
+            base = next((r["ms"]["p50"] for r in group if r["provider"] == case.baseline and "ms" in r), None)
+            for rec in group:
+                if base and "ms" in rec:
+                    rec["speedup_vs_" + case.baseline] = base / rec["ms"]["p50"]
+            records += group
+    return records

@@ -1,0 +1,134 @@
+"""The engine's subcommands of `kfe`: `doctor` and `bench`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+import torch
+
+from engine import _ext, backend
+
+
+def _version(module: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return "not installed"
+
+
+def doctor(args: argparse.Namespace) -> int:
+    import engine.ops  # noqa: F401  (registers every op's backends)
+
+    cuda = torch.cuda.is_available()
+    print("KFE doctor")
+    print(f"  python {platform.python_version()} | torch {torch.__version__} | triton "
+          f"{backend.triton_version() or 'not installed'} | numpy {_version('numpy')} | cupy {_version('cupy')}")
+    if cuda:
+        cap = torch.cuda.get_device_capability()
+        print(f"  device: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), CUDA {torch.version.cuda}")
+    else:
+        print(f"  device: CPU only ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
+              "no CUDA device")
+    interp = backend.triton_interpreting()
+    print(f"  triton mode: {'interpreter (TRITON_INTERPRET=1)' if interp else 'compiled'}")
+    if _ext.loaded():
+        print(f"  extension engine._C: built ({_ext.path()})")
+    else:
+        print(f"  extension engine._C: NOT built: {_ext.load_error()}")
+        print("    -> ops fall back to Triton and the PyTorch references")
+    print(f"  KFE_BACKEND: {backend.requested()}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    print()
+    print("| op | backend | " + " | ".join(f"on {d.type}" for d in devices) + " |")
+    print("|---|---|" + "---|" * len(devices))
+    for op, table in sorted(backend.REGISTRY.items()):
+        examples = {d: table.example(d)[0] for d in devices}
+        for name in backend.BACKENDS:
+            impl = table.impls.get(name)
+            cells = []
+            for d in devices:
+                if impl is None:
+                    cells.append("-")
+                else:
+                    why = impl.reasons(examples[d], forced=True)
+                    cells.append("ok" if not why else "no: " + "; ".join(why))
+            print(f"| {op} | {name} | " + " | ".join(cells) + " |")
+        picks = [f"{table.pick(examples[d])[0].backend} on {d.type}" for d in devices]
+        print(f"| {op} | **auto picks** | " + " | ".join(picks) + " |")
+    return 0
+
+
+def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:
+    if not text:
+        return None
+    try:
+        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise SystemExit(f"--sizes: expected comma-separated shapes like 8x56x56x512, got {text!r}") from None
+
+
+def _parse_dtypes(text: str | None) -> list[torch.dtype] | None:
+    if not text:
+        return None
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    try:
+        return [names[t.strip()] for t in text.split(",")]
+    except KeyError as err:
+        raise SystemExit(f"--dtype: unknown dtype {err.args[0]!r}; use {', '.join(names)}") from None
+
+
+def bench(args: argparse.Namespace) -> int:
+    from engine.bench import MODES, SUITES, markdown, run, write_json
+
+    if args.list or not args.suites:
+        print("suites: " + ", ".join(sorted(SUITES)))
+        return 0
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        raise SystemExit(f"unknown suite(s) {unknown}; available: {', '.join(sorted(SUITES))}")
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: {bad} not in {MODES}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device on this machine")
+    cases = []
+    for name in args.suites:
+        cases += importlib.import_module(SUITES[name]).cases(device, _parse_sizes(args.sizes),
+                                                              _parse_dtypes(args.dtype))
+    cpu = device.type == "cpu"
+    warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
+    repeats = args.repeats if args.repeats is not None else (10 if cpu else 50)
+    providers = args.providers.split(",") if args.providers else None
+    records = run(cases, modes, warmup, repeats, providers,
+                  progress=lambda msg: print(f"  timing {msg}", file=sys.stderr, flush=True))
+    print(markdown(records))
+    if args.json:
+        write_json(records, args.json)
+        print(f"\nwrote {len(records)} records to {args.json}")
+    return 1 if any("error" in r for r in records) else 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="versions, device, extension, and each op's backends")
+    p.set_defaults(func=doctor)
+
+    p = sub.add_parser("bench", help="benchmark ops (kfe bench grn)",
+                       description="Time fwd / bwd / fwd+bwd of an op's providers; report GB/s, TFLOP/s, "
+                                   "%% of the measured roofline and speedups. Markdown on stdout.")
+    p.add_argument("suites", nargs="*", help="what to benchmark (see --list)")
+    p.add_argument("--list", action="store_true", help="list the suites")
+    p.add_argument("--sizes", help="comma-separated shapes, e.g. 8x56x56x512,8x7x7x4096 (default: per device)")
+    p.add_argument("--dtype", help="comma-separated dtypes: float32, bfloat16, float16 (default: per device)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, bwd, fwd+bwd")
+    p.add_argument("--providers", help="only these providers (the reference always runs)")
+    p.add_argument("--warmup", type=int, help="warm-up calls (default 2 on CPU, 10 on GPU)")
+    p.add_argument("--repeats", type=int, help="timed calls (default 10 on CPU, 50 on GPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the records as JSON")
+    p.set_defaults(func=bench)
