@@ -1,0 +1,70 @@
+"""`kfe bench`: the records, the byte counts, the CLI's checks."""
+import json
+
+import pytest
+import torch
+
+from engine.bench import core, markdown
+from engine.bench.timing import time_fn
+from engine.ops.grn import bench as grn_bench
+from train.cli import main
+
+
+def test_time_fn_quantiles_are_ordered():
+    t = time_fn(lambda: torch.randn(64, 64) @ torch.randn(64, 64), torch.device("cpu"), warmup=1, repeats=7)
+    assert 0 < t["p20"] <= t["p50"] <= t["p80"]
+
+
+def test_grn_cases_count_minimum_bytes():
+    (case,) = grn_bench.cases(torch.device("cpu"), sizes=[(2, 3, 4, 5)], dtypes=[torch.bfloat16])
+    numel_bytes = 2 * 3 * 4 * 5 * 2
+    assert case.bytes == {"fwd": 3 * numel_bytes, "bwd": 5 * numel_bytes, "fwd+bwd": 8 * numel_bytes}
+    assert {"reference", "compiled-reference", "kfe"} <= set(case.providers)
+    x, gamma, beta = case.make_inputs()
+    assert x.shape == (2, 3, 4, 5) and x.dtype == torch.bfloat16 and gamma.shape == (5,)
+
+
+def test_run_records_every_mode_and_provider():
+    cases = grn_bench.cases(torch.device("cpu"), sizes=[(1, 4, 4, 8)], dtypes=[torch.float32])
+    records = core.run(cases, core.MODES, warmup=0, repeats=2, providers=["kfe"])
+    assert {(r["provider"], r["mode"]) for r in records} == {(p, m) for p in ("reference", "kfe") for m in core.MODES}
+    for r in records:
+        assert "error" not in r, r
+        assert r["gbs"] > 0 and r["ms"]["p50"] > 0 and r["git"] is not None and r["torch"] == torch.__version__
+        assert r["speedup_vs_reference"] > 0
+    assert "| grn | 1x4x4x8 | float32 | fwd+bwd | kfe |" in markdown(records)
+
+
+def test_cli_runs_every_provider_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "grn.json"
+    rc = main(["bench", "grn", "--sizes", "1x3x3x8", "--modes", "fwd", "--warmup", "1", "--repeats", "1",
+               "--json", str(path)])
+    assert rc == 0, capsys.readouterr().out
+    records = json.loads(path.read_text())
+    assert {r["provider"] for r in records} >= {"reference", "compiled-reference", "kfe"}
+    assert all("error" not in r for r in records)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "nope"], "unknown suite"),
+    (["bench", "grn", "--sizes", "8x56"], "NxHxWxC"),
+    (["bench", "grn", "--sizes", "axb"], "--sizes"),
+    (["bench", "grn", "--dtype", "int8"], "--dtype"),
+    (["bench", "grn", "--modes", "sideways"], "--modes"),
+])
+def test_cli_rejects_bad_arguments(argv, message):
+    with pytest.raises((SystemExit, ValueError), match=message):
+        main(argv)
+
+
+def test_cli_lists_suites(capsys):
+    assert main(["bench", "--list"]) == 0
+    assert "grn" in capsys.readouterr().out
+
+
+def test_doctor_reports_each_backend(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("torch " + torch.__version__, "triton mode: interpreter", "| grn | cpp | ok",
+                   "| grn | reference | ok", "| grn | **auto picks** |"):
+        assert needle in out, needle
