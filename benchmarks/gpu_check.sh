@@ -28,7 +28,7 @@ timeout 240 "$py" setup.py build_ext --inplace -j "$(nproc)" >"$out/build.log" 2
 timeout 150 "$py" -m pytest -m gpu -q -p no:cacheprovider tests >"$out/pytest-gpu.log" 2>&1 || status=1
 tail -3 "$out/pytest-gpu.log"
 
-for suite in $("$py" -c 'from engine.bench import SUITES; print(" ".join(SUITES))'); do
+for suite in $("$py" -c 'import train.cli; from engine.bench import SUITES; print(" ".join(SUITES))'); do
   timeout 120 "$py" -m train.cli bench "$suite" --modes fwd,bwd,fwd+bwd --json "$out/bench-$suite.json" \
     >"$out/bench-$suite.md" 2>"$out/bench-$suite.err" || status=1
   cat "$out/bench-$suite.md"

@@ -97,10 +97,15 @@ def bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device on this machine")
-    cases = []
+    cases, status = [], 0
     for name in args.suites:
-        cases += importlib.import_module(SUITES[name]).cases(device, _parse_sizes(args.sizes),
-                                                              _parse_dtypes(args.dtype))
+        suite = importlib.import_module(SUITES[name])
+        if hasattr(suite, "run"):  # suites that are not op timings (e.g. texts/s) run themselves
+            status |= suite.run(args, device)
+            continue
+        cases += suite.cases(device, _parse_sizes(args.sizes), _parse_dtypes(args.dtype))
+    if not cases:
+        return status
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
     repeats = args.repeats if args.repeats is not None else (10 if cpu else 50)
@@ -111,7 +116,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(records, args.json)
         print(f"\nwrote {len(records)} records to {args.json}")
-    return 1 if any("error" in r for r in records) else 0
+    return 1 if status or any("error" in r for r in records) else 0
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:

@@ -1,7 +1,8 @@
 """`kfe bench`: time fwd / bwd / fwd+bwd of every provider of an op, against the machine's roofline.
 
-Suites are modules with `cases(device, sizes, dtypes) -> list[Case]`, registered by name in SUITES;
-models and training recipes add theirs with `register_suite`.
+Suites are modules with `cases(device, sizes, dtypes) -> list[Case]` (timed by `run` here), or with
+their own `run(args, device) -> int` for measurements that are not op timings (e.g. texts/s). They are
+registered by name in SUITES; models, recipes and curation add theirs with `register_suite` (train/cli.py).
 """
 from engine.bench.core import MODES, Case, run
 from engine.bench.report import markdown, write_json
