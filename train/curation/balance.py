@@ -52,23 +52,30 @@ def keep_probability(counts: np.ndarray, t: float) -> np.ndarray:
     return np.where(counts < t, 1.0, t / np.maximum(counts, 1.0))
 
 
-def balance(entries: np.ndarray, per_pair: np.ndarray, pair_hash: np.ndarray, counts: np.ndarray, t: float,
-            seed: int) -> np.ndarray:
-    """Which matched pairs are kept.
+def coins(entries: np.ndarray, per_pair: np.ndarray, pair_hash: np.ndarray, counts: np.ndarray, t: float,
+          seed: int) -> np.ndarray:
+    """Each (pair, matched entry)'s own decision, (K,) bool: U(seed, pair, entry) < p(c_entry).
 
     entries (K,) int: the matched entry indices of every pair, back to back; per_pair (P,) int >= 1:
     how many belong to each pair; pair_hash (P,) uint64: id hashes; counts (E,): each entry's match
-    count over the whole pool. Returns a (P,) bool mask.
-    """
-    if len(per_pair) == 0:
-        return np.zeros(0, dtype=bool)
-    if np.any(per_pair < 1):
+    count over the whole pool."""
+    if np.any(np.asarray(per_pair) < 1):
         raise ValueError("per_pair: every pair must have at least one matched entry")
     entries = np.asarray(entries, dtype=np.int64)
-    owner_hash = np.repeat(pair_hash, per_pair)
-    keep = uniforms(seed, owner_hash, entries) < keep_probability(counts, t)[entries]
+    owner_hash = np.repeat(np.asarray(pair_hash, dtype=np.uint64), per_pair)
+    return uniforms(seed, owner_hash, entries) < keep_probability(counts, t)[entries]
+
+
+def balance(entries: np.ndarray, per_pair: np.ndarray, pair_hash: np.ndarray, counts: np.ndarray, t: float,
+            seed: int, entry_coins: np.ndarray | None = None) -> np.ndarray:
+    """Which matched pairs are kept, (P,) bool: those with at least one entry coin up (see `coins`,
+    whose result may be passed as entry_coins)."""
+    if len(per_pair) == 0:
+        return np.zeros(0, dtype=bool)
+    if entry_coins is None:
+        entry_coins = coins(entries, per_pair, pair_hash, counts, t, seed)
     starts = np.concatenate([[0], np.cumsum(per_pair)[:-1]])
-    return np.logical_or.reduceat(keep, starts)
+    return np.logical_or.reduceat(entry_coins, starts)
 
 
 def expected_kept(entries_per_pair: list[list[int]], counts: np.ndarray, t: float) -> float:

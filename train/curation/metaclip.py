@@ -39,7 +39,7 @@ from train.curation.pool import DataError
 
 __all__ = ["DataError", "Matcher", "OfficialMatcher", "curate", "load_metadata", "match_reference", "spacing"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def load_metadata(path: str) -> list[str]:
@@ -154,20 +154,21 @@ def _balance_shard(i: int, pass2: str) -> tuple:
     d = _load_pass1(job, i)
     if d is None:
         return "error", i, f"pass-1 result of shard {job.shards[i]!r} vanished or is corrupt; rerun with --fresh"
-    keep = _balance.balance(d["entries"], d["per_pair"], d["pair_hash"], job.counts[1], job.t, job.seed)
+    coins = _balance.coins(d["entries"], d["per_pair"], d["pair_hash"], job.counts[1], job.t, job.seed)
+    keep = _balance.balance(d["entries"], d["per_pair"], d["pair_hash"], job.counts[1], job.t, job.seed, coins)
     ids = d["ids"].tobytes().decode("utf-8", "surrogatepass").split("\n") if len(keep) else []
     bounds = np.concatenate([[0], np.cumsum(d["per_pair"])]).tolist()
     entries = d["entries"].tolist()
     tmp = f"{base}.jsonl.tmp{os.getpid()}"
-    kept_entries = []
     with open(tmp, "w", encoding="utf-8", errors="surrogatepass") as f:
         for p in np.flatnonzero(keep).tolist():
-            ents = entries[bounds[p]:bounds[p + 1]]
-            kept_entries += ents
-            f.write(f'{{"id": {ids[p]}, "entries": [{", ".join(map(str, ents))}]}}\n')
+            # a list of ints prints as its JSON array; ids are JSON text already
+            f.write(f'{{"id": {ids[p]}, "entries": {entries[bounds[p]:bounds[p + 1]]}}}\n')
     os.replace(tmp, base + ".jsonl")
-    uniq, uniq_counts = np.unique(np.asarray(kept_entries, dtype=np.int64), return_counts=True)
-    _atomic_npz(base + ".npz", uniq=uniq, uniq_counts=uniq_counts.astype(np.int64),
+    uniq, uniq_counts = np.unique(d["entries"][np.repeat(keep, d["per_pair"])], return_counts=True)
+    own, own_counts = np.unique(d["entries"][coins], return_counts=True)
+    _atomic_npz(base + ".npz", uniq=uniq.astype(np.int64), uniq_counts=uniq_counts.astype(np.int64),
+                own=own.astype(np.int64), own_counts=own_counts.astype(np.int64),
                 stats=np.array([int(keep.sum())], dtype=np.int64))
     return "ok", i, None
 

@@ -63,6 +63,7 @@ def test_multi_entry_pairs_kept_when_any_entry_keeps():
     assert tail.any() and keep[tail].all()
     # the decision is exactly "any entry's coin < p": recompute it independently
     u = balance.uniforms(3, np.repeat(hashes, per_pair), entries)
+    assert np.array_equal(balance.coins(entries, per_pair, hashes, counts, t, 3), u < p[entries])
     coins = np.split(u < p[entries], np.cumsum(per_pair)[:-1])
     assert keep.tolist() == [bool(c.any()) for c in coins]
 

@@ -29,12 +29,12 @@ def baseline(pool_dir, tmp_path_factory):
     _, shards, meta = pool_dir
     out = str(tmp_path_factory.mktemp("base") / "out")
     curate(meta, shards, out, t=15, seed=1, workers=1)
-    return pools.read_out(out)
+    return (*pools.read_out(out), out)
 
 
 def test_outputs_follow_the_definition(pool_dir, baseline):
     _, shards, _ = pool_dir
-    curated, counts, summary = baseline
+    curated, counts, summary, baseline_dir = baseline
     per_text = [match_reference(t, ENTRIES) for t in TEXTS]
     expected_counts = np.bincount(np.concatenate([m for m in per_text if m]), minlength=len(ENTRIES))
     assert counts == expected_counts.tolist()
@@ -55,7 +55,10 @@ def test_outputs_follow_the_definition(pool_dir, baseline):
         if ents and balance.balance(np.array(ents), np.array([len(ents)]),
                                     balance.id_hashes([json.dumps(pid)]), expected_counts, 15, 1)[0]:
             keep_ids.add(pid)
-    assert {line["id"] for line in lines} == keep_ids
+    assert [line["id"] for line in lines] == [pid for pid in ids if pid in keep_ids]  # shard, then line order
+    with open(os.path.join(baseline_dir, "entry_counts_balanced.json")) as f:
+        balanced = json.load(f)
+    assert balanced == np.bincount([e for line in lines for e in line["entries"]], minlength=len(ENTRIES)).tolist()
     exp = balance.expected_kept([m for m in per_text if m], expected_counts, 15)
     assert abs(len(lines) - exp) < 5 * np.sqrt(exp)
 
@@ -67,6 +70,13 @@ def test_worker_count_independence(pool_dir, baseline, tmp_path):
     curated, counts, _ = pools.read_out(out)
     assert summary["workers_per_rank"] == 3
     assert (curated, counts) == baseline[:2]
+
+
+def test_python_matcher_gives_the_same_curation(pool_dir, baseline, tmp_path):
+    _, shards, meta = pool_dir
+    summary = curate(meta, shards, str(tmp_path / "out"), t=15, seed=1, workers=1, backend="python")
+    assert summary["matcher_backend"] == "python"
+    assert pools.read_out(str(tmp_path / "out"))[:2] == baseline[:2]
 
 
 def test_seed_and_t_change_the_selection(pool_dir, baseline, tmp_path):
