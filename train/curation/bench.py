@@ -123,8 +123,8 @@ def _measure(entries: list[str], texts: list[str], workers: int) -> list[dict]:
         truth = [flat[a:b] for a, b in zip(bounds, bounds[1:])]
         records.append(rec)
         rec = {"provider": "kfe-cpp-lists", "matcher_bytes": cpp.nbytes()}
-        lists = _timed(rec, lambda: [x for i in range(0, len(texts), _BATCH) for x in cpp.match_batch(texts[i:i + _BATCH])],
-                       len(texts))
+        batches = range(0, len(texts), _BATCH)
+        lists = _timed(rec, lambda: [x for i in batches for x in cpp.match_batch(texts[i:i + _BATCH])], len(texts))
         rec["identical"] = lists == truth
         records.append(rec)
         records.append(_all_cores(cpp, texts, workers))

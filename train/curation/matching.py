@@ -9,7 +9,8 @@ space-separated pieces. Splitting the spaced text on " " gives ["", *T, ""]; " e
 e.split(" ") is a contiguous run of T (empty pieces from double spaces included). `Matcher` therefore
 walks a trie over words from each piece of T instead of an automaton over characters. Backends:
   cpp     csrc/cpu/metaclip_match.cpp (engine._C), hash-interned words, ~1 look-up per piece
-  python  the same trie as nested dicts (the fallback when the extension is not built)
+  python  single-word entries in a dict (one set intersection per text), the rest in a word trie of
+          nested dicts: the fallback when the extension is not built
 `OfficialMatcher` is the official repository's approach (pyahocorasick over " e " keys), kept for the
 benchmark and tests. Note it keeps one value per key, so a duplicated entry matches only once there;
 the definition (and `Matcher`) reports every index.
@@ -108,28 +109,34 @@ class _CppTrie:
 
 
 class _PyTrie:
-    """Nested dicts keyed by word; node[_END] lists the entries ending there (duplicates kept)."""
+    """Single-word entries in a dict (matched by one set intersection per text); multi-word entries
+    in a trie of nested dicts keyed by word, node[_END] listing the entries ending there."""
 
     def __init__(self, entries: list[str]):
+        self._words: dict[str, list[int]] = {}
         self._root: dict = {}
         for i, entry in enumerate(entries):
+            words = entry.split(" ")
+            if len(words) == 1:
+                self._words.setdefault(entry, []).append(i)
+                continue
             node = self._root
-            for word in entry.split(" "):
+            for word in words:
                 node = node.setdefault(word, {})
             node.setdefault(_END, []).append(i)
 
     def match_one(self, text: str) -> list[int]:
         words = _wrap(text).split(" ")  # T: the spaced text's pieces between its outer spaces
-        root, found, n = self._root, set(), len(words)
+        found = set()
+        for word in self._words.keys() & set(words):
+            found.update(self._words[word])
+        root, n = self._root, len(words)
         for i in range(n):
             node, j = root.get(words[i]), i + 1
-            while node is not None:
-                ends = node.get(_END)
-                if ends:
-                    found.update(ends)
-                if j == n:
-                    break
+            while node is not None and j < n:
                 node, j = node.get(words[j]), j + 1
+                if node is not None and _END in node:
+                    found.update(node[_END])
         return sorted(found)
 
     def match_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +148,7 @@ class _PyTrie:
     def nbytes(self) -> int:
         import sys
 
-        total, stack = 0, [self._root]
+        total, stack = sys.getsizeof(self._words) + sum(map(sys.getsizeof, self._words.values())), [self._root]
         while stack:
             node = stack.pop()
             total += sys.getsizeof(node)
