@@ -214,3 +214,26 @@ def test_cli(pool_dir, baseline, tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "entry_counts.png")) > 1000
     assert main(["curate", "metaclip", "--metadata", meta, "--pool", "x.csv", "--out", out]) == 2
     assert "unsupported shard" in capsys.readouterr().err
+
+
+def test_id_field_off_uses_shard_offsets(tmp_path):
+    shard = pools.write_jsonl(tmp_path / "s.jsonl", [{"text": "b", "id": 5}, {"text": "a", "id": 6}])
+    curate(["a"], [shard], str(tmp_path / "ids"), t=5, workers=1)
+    curate(["a"], [shard], str(tmp_path / "offsets"), t=5, workers=1, id_field=None)
+    assert pools.read_out(str(tmp_path / "ids"))[0] == '{"id": 6, "entries": [0]}\n'
+    assert pools.read_out(str(tmp_path / "offsets"))[0] == f'{{"id": "{shard}:1", "entries": [0]}}\n'
+
+
+def test_spawned_workers_rebuild_the_job(tmp_path):
+    import dataclasses
+    import pickle
+
+    job = metaclip._Job(["s.jsonl"], str(tmp_path), "text", "id", 8, 5.0, 1)
+    spawned = pickle.loads(pickle.dumps((job, ["a", "b c"], "auto")))  # what a spawn start method ships
+    saved = metaclip._JOB
+    try:
+        metaclip._init_worker(spawned)
+        assert dataclasses.replace(metaclip._JOB, matcher=None) == job
+        assert metaclip._JOB.matcher.match("a b c") == [0, 1]
+    finally:
+        metaclip._JOB = saved
