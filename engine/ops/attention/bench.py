@@ -1,8 +1,9 @@
 """`kfe bench attention`: ViT / MAE / DiT / CLIP attention shapes, KFE vs torch SDPA's backends and peers.
 
-Providers: the eager reference (math in fp32), torch.compile(reference), torch SDPA restricted to each
-of its backends that runs these inputs on this device (flash, efficient, cudnn, math), KFE, and
-flash-attn / xformers when importable.
+Providers: the eager reference (math in fp32), torch SDPA restricted to each of its backends that runs
+these inputs on this device (flash, efficient, cudnn, math), KFE, and flash-attn / xformers when
+importable. torch.compile(reference) too on the CPU; on a GPU, SDPA's backends are the fused peers and
+an inductor compile per shape and mode would take most of the GPU check's few minutes.
 
 Useful FLOPs: 4*B*H*pairs*D forward (pairs = N*M, or the unmasked pairs when causal: about half),
 2.5x that backward, 3.5x fwd+bwd; nothing is counted for padding. Minimum bytes: the forward reads
@@ -122,9 +123,10 @@ def case_for(device: torch.device, shape: tuple[int, ...], causal: bool, dtype: 
         k = torch.randn(B, H, M, D, generator=gen, device=device, dtype=dtype)
         return q, k, torch.randn(B, H, M, D, generator=gen, device=device, dtype=dtype)
 
-    compiled = _compiled_reference()
-    providers = {"reference": lambda q, k, v: reference.attention(q, k, v, causal),
-                 "compiled-reference": lambda q, k, v: compiled(q, k, v, causal)}
+    providers = {"reference": lambda q, k, v: reference.attention(q, k, v, causal)}
+    if device.type == "cpu":
+        compiled = _compiled_reference()
+        providers["compiled-reference"] = lambda q, k, v: compiled(q, k, v, causal)
     for name, backend in _sdpa_backends().items():
         fn = _sdpa(backend, causal)
         if _runs(fn, device, dtype, D, causal):
