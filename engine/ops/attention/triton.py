@@ -307,14 +307,23 @@ class Config:
         return None
 
 
-# GPU tiles by padded head dim (<= 64, 128, 256), following FlashAttention-2 / the Triton tutorial:
-# the forward and dQ hold 128 query rows and walk 64 (32) keys; dK/dV hold 128 (64) keys and walk 32
-# queries. Not autotuned (multi-config autotune cannot run on the CPU interpreter) and not yet
-# measured on a GPU: `kfe bench attention` on the device is the way to revisit this table.
+# GPU tiles by padded head dim (<= 64, 128, 256). 16-bit inputs follow FlashAttention-2 / the Triton
+# tutorial: the forward and dQ hold 128 query rows and walk 64 (32) keys, dK/dV hold 128 (64) keys and
+# walk 32 queries. fp32 inputs take exact fp32 products (FMA, no tensor cores: the contract is 1e-5 of
+# float64, TF32 would give 1e-3), whose operands sit in registers, hence small tiles: fp32 is the
+# exact path, not the fast one. benchmarks/attention_sm90_compile.py compiles every entry for sm_90
+# (results/attention-sm90-compile.md): all fit in shared memory, 16-bit ones spill <= 48 bytes of
+# registers, fp32 ones up to ~2 KB. None is autotuned (multi-config autotune cannot run on the
+# interpreter) or yet timed on a GPU: `kfe bench attention` on the device is how to revisit them.
 _GPU = {  # block_d -> {kernel: Config}
     64: {"fwd": Config(128, 64, 4, 3), "dkdv": Config(32, 128, 4, 3), "dq": Config(128, 32, 4, 3)},
     128: {"fwd": Config(128, 64, 8, 3), "dkdv": Config(32, 128, 8, 2), "dq": Config(128, 32, 8, 2)},
     256: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(16, 64, 8, 2), "dq": Config(64, 32, 8, 2)},
+}
+_GPU_FP32 = {
+    64: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(32, 64, 4, 2), "dq": Config(64, 32, 4, 2)},
+    128: {"fwd": Config(32, 32, 4, 2), "dkdv": Config(16, 32, 4, 2), "dq": Config(32, 32, 4, 2)},
+    256: {"fwd": Config(16, 32, 4, 2), "dkdv": Config(16, 16, 4, 2), "dq": Config(16, 32, 4, 2)},
 }
 _INTERPRETER_BLOCK = 256  # few, large programs: interpreter time grows with the number of programs
 
@@ -332,15 +341,11 @@ def configs(N: int, M: int, D: int, dtype: torch.dtype, device: torch.device) ->
     if triton_interpreting() or device.type != "cuda":
         cfg = Config(_pow2(N, 16, _INTERPRETER_BLOCK), _pow2(M, 16, _INTERPRETER_BLOCK), 1, 1)
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
-    table = _GPU[max(64, block_d(D))]
-    out = {}
-    for kernel, cfg in table.items():
-        # Short sequences get smaller tiles instead of mostly-masked ones; fp32 tiles are twice the
-        # bytes, so they get one pipeline stage less.
-        out[kernel] = replace(cfg, block_m=min(cfg.block_m, _pow2(N, 16, 128)),
-                              block_n=min(cfg.block_n, _pow2(M, 16, 128)),
-                              num_stages=cfg.num_stages - (dtype == torch.float32))
-    return out
+    table = (_GPU_FP32 if dtype == torch.float32 else _GPU)[max(64, block_d(D))]
+    # Short sequences get smaller tiles instead of mostly-masked ones.
+    return {kernel: replace(cfg, block_m=min(cfg.block_m, _pow2(N, 16, 128)),
+                            block_n=min(cfg.block_n, _pow2(M, 16, 128)))
+            for kernel, cfg in table.items()}
 
 
 _fitted: dict[tuple, Config] = {}

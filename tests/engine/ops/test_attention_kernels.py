@@ -41,7 +41,8 @@ def test_gpu_tile_table(monkeypatch, dtype):
                     assert block <= max(16, triton.next_power_of_2(length)), (name, cfg, N, M)
                 assert cfg.num_warps in (4, 8) and cfg.num_stages >= 1
     big = attn_triton.configs(4096, 4096, 64, dtype, cuda)["fwd"]
-    assert (big.block_m, big.block_n) == (128, 64)  # FlashAttention-2's tile for D <= 64
+    if dtype == torch.bfloat16:
+        assert (big.block_m, big.block_n) == (128, 64)  # FlashAttention-2's tile for D <= 64
     assert attn_triton.block_d(72) == 128 and attn_triton.block_d(8) == 16 and attn_triton.block_d(256) == 256
 
 
