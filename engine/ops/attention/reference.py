@@ -60,9 +60,12 @@ def _scores(q, k, causal, scale):
 def forward(q, k, v, causal: bool, scale: float):
     """(out (B, H, N, D) in q's dtype, lse (B, H, N) in the accumulation dtype)."""
     s = _scores(q, k, causal, scale)
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
-    # softmax() rather than exp(s - lse): at large logits lse's own rounding would cost accuracy.
-    out = torch.softmax(s, dim=-1) @ v.to(s.dtype)
+    m = s.amax(dim=-1, keepdim=True)          # (B, H, N, 1), finite: every query sees key 0
+    e = torch.exp(s - m)                      # one exp pass serves both outputs
+    denom = e.sum(dim=-1, keepdim=True)
+    # (e @ v) / denom rather than exp(s - lse) @ v: at large logits lse's own rounding costs accuracy.
+    out = (e @ v.to(s.dtype)) / denom
+    lse = (m + denom.log()).squeeze(-1)       # (B, H, N)
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
