@@ -52,11 +52,12 @@ def test_head_dims(backend, dtype, D):
 def test_sequence_lengths(backend, dtype, seq):
     N, M, causal = seq
     D = HEAD_DIMS[SEQS.index(seq) % len(HEAD_DIMS)]  # each length meets a different head dim
-    _check(backend, *_inputs(1, 2, N, M, D, dtype), causal=causal)
+    H = 1 if max(N, M) > 128 else 2  # interpreter time grows with the number of programs
+    _check(backend, *_inputs(1, H, N, M, D, dtype), causal=causal)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(N=st.integers(1, 300), M=st.integers(1, 300), D=st.sampled_from(HEAD_DIMS + (1, 16, 40, 160, 256)),
+@given(N=st.integers(1, 260), M=st.integers(1, 260), D=st.sampled_from(HEAD_DIMS + (1, 16, 40, 160, 256)),
        causal=st.booleans(), dtype=st.sampled_from(LOWP), seed=st.integers(0, 2**16))
 def test_hypothesis_shapes(backend, N, M, D, causal, dtype, seed):
     _check(backend, *_inputs(1, 1, N, M, D, dtype, seed), causal=causal)
