@@ -72,12 +72,11 @@ def _setup(image, text, logit_scale, logit_bias):
     return acc, image.to(acc).contiguous(), text.to(acc).contiguous(), s, b
 
 
-def _row_stats(A, K, b, kind, col_lse=None):
-    """Per-row statistic of A (n, D), pre-scaled by s, against K (B, D); with col_lse (B,), also fold
-    in the columns' log-sum-exp."""
+def _row_stats(A, K, s, b, kind, col_lse=None):
+    """Per-row statistic of A (n, D) against K (B, D); with col_lse (B,), also fold in the columns' LSE."""
     out = A.new_empty(A.shape[0])
     for lo, hi in _chunks(A.shape[0], K.shape[0], A.device):
-        L = torch.mm(A[lo:hi], K.T)  # (c, B) logits of this chunk
+        L = torch.mm(A[lo:hi] * s, K.T)  # (c, B) logits of this chunk (scaling the (c, D) side is cheaper)
         if kind == "clip":
             out[lo:hi] = torch.logsumexp(L, dim=1)
             if col_lse is not None:
@@ -94,13 +93,13 @@ def forward(image, text, logit_scale, logit_bias, kind, row_start, row_count):
     R = slice(row_start, row_start + n)
     diag = s * (I[R] * T[R]).sum(dim=1)  # (n,) diagonal logits L_ii, i in R (before the bias)
     if kind == "siglip":
-        stat = _row_stats(s * I[R], T, b, kind)
+        stat = _row_stats(I[R], T, s, b, kind)
         return (stat.sum() - (diag + b).sum()) / n, I.new_empty((0, n))
     if n == B:  # every row is ours: one sweep gives the row and the column statistics
         col = torch.full((B,), float("-inf"), dtype=acc, device=I.device)
-        row = _row_stats(s * I, T, b, kind, col_lse=col)
+        row = _row_stats(I, T, s, b, kind, col_lse=col)
     else:
-        row, col = _row_stats(s * I[R], T, b, kind), _row_stats(s * T[R], I, b, kind)
+        row, col = _row_stats(I[R], T, s, b, kind), _row_stats(T[R], I, s, b, kind)
     return (row.sum() + col.sum() - 2 * diag.sum()) / (2 * n), torch.stack([row, col])
 
 
@@ -111,11 +110,10 @@ def _grad_sweep(A, K, gA, gK, s, b, coef, kind, diag_offset, lse_a=None, lse_k=N
     column (lse_k), or sigmoid (siglip); t counts the terms (1 or 2). gA and gK are unscaled by s.
     coef is applied to the (c, D) products, not to the (c, B) chunk: one pass fewer over the logits.
     """
-    As = s * A  # pre-scaled queries: the chunk product is the logits themselves
     gs = torch.zeros((), dtype=A.dtype, device=A.device)
     gsum = torch.zeros((), dtype=A.dtype, device=A.device)
     for lo, hi in _chunks(A.shape[0], K.shape[0], A.device):
-        G = torch.mm(As[lo:hi], K.T)  # (c, B) logits, turned into G / coef in place
+        G = torch.mm(A[lo:hi] * s, K.T)  # (c, B) logits, turned into G / coef in place
         if kind == "siglip":
             G.add_(b).sigmoid_()
             target = 1

@@ -106,9 +106,9 @@ def _grad_kernel(
     da_ptr,      # (SPLIT, NA, D) fp32 out: coef * s * (G @ K), partial over key splits
     rowsum_ptr,  # (2, SPLIT, NA) fp32 out when PARAM_GRADS: coef * sum_j G*S and coef * sum_j G
     NA, NK, D, diag_offset, cols_per_split,
-    SIGLIP: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_K: tl.constexpr, PARAM_GRADS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    SIGLIP: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_K: tl.constexpr, TERMS: tl.constexpr,
+    PARAM_GRADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, G_SCALE: tl.constexpr, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -136,15 +136,12 @@ def _grad_kernel(
             g = tl.sigmoid(logits + bias) - tl.where(target, 1.0, 0.0)
         else:
             g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            terms = 0.0
             if HAS_LSE_A:
                 g += tl.exp(logits - lse_a[:, None])
-                terms += 1.0
             if HAS_LSE_K:
                 lse_k = tl.load(lse_k_ptr + cols, mask=col_ok, other=0.0)
                 g += tl.exp(logits - lse_k[None, :])
-                terms += 1.0
-            g -= tl.where(target, terms, 0.0)
+            g -= tl.where(target, TERMS, 0.0)  # TERMS = number of softmax terms in g (1 or 2)
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
         if PARAM_GRADS:
             gs += tl.sum(g * sim, axis=1)
@@ -152,9 +149,9 @@ def _grad_kernel(
         kd = tl.load(k_ptr + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if FP32_DOT:
             acc = tl.dot(g, kd.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(g.to(kd.dtype), kd, acc, input_precision=PRECISION)
-    acc = acc * (s * coef)
+        else:  # G_SCALE keeps probabilities ~1/B out of fp16's subnormals; |G| <= 2, so no overflow
+            acc = tl.dot((g * G_SCALE).to(kd.dtype), kd, acc, input_precision=PRECISION)
+    acc = acc * (s * coef / G_SCALE)
     tl.store(da_ptr + (split * NA + rows)[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     if PARAM_GRADS:
         if tl.program_id(1) == 0:
@@ -188,7 +185,8 @@ def _launch_cfg(cfg: dict, NK: int) -> tuple[int, int]:
 
 
 def _dot_flags(x: torch.Tensor) -> dict:
-    fp32 = triton_interpreting() or x.dtype == torch.float32
+    # The interpreter's fp16 dot is right (numpy float16), so fp16 keeps its own path there and tests it.
+    fp32 = x.dtype == torch.float32 or (triton_interpreting() and x.dtype == torch.bfloat16)
     return dict(FP32_DOT=fp32, PRECISION="ieee" if fp32 else None)  # None: the dtype's default
 
 
@@ -244,8 +242,10 @@ def _grad(A, K, params, out, lse_a, lse_k, siglip, diag_offset, param_grads):
     _grad_kernel[grid](
         A, K, dummy if lse_a is None else lse_a, dummy if lse_k is None else lse_k, params, part, rowsum,
         NA, K.shape[0], D, diag_offset, per, SIGLIP=siglip, HAS_LSE_A=lse_a is not None,
-        HAS_LSE_K=lse_k is not None, PARAM_GRADS=param_grads, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], **_dot_flags(A), num_warps=8)
+        HAS_LSE_K=lse_k is not None, TERMS=float((lse_a is not None) + (lse_k is not None)),
+        PARAM_GRADS=param_grads, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_D=cfg["BLOCK_D"], G_SCALE=1024.0 if A.dtype == torch.float16 else 1.0, **_dot_flags(A),
+        num_warps=8)
     out += part.sum(0) if split > 1 else part[0]
     return rowsum.sum(dim=(1, 2)) if param_grads else None
 
