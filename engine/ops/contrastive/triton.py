@@ -17,6 +17,13 @@ When too few row blocks exist to fill the GPU, the key columns are split across 
 partial statistics / gradients are combined afterwards (deterministic, no atomics). Block sizes come
 from a heuristic (_blocks), never from multi-config autotuning. bf16 tl.dot is wrong in the interpreter:
 operands are cast to fp32 when interpreting (FP32_DOT). fp32 inputs use IEEE fp32 dots (no tf32).
+
+Matmul work executed, single process (useful: 2 B^2 D forward, 4 B^2 D backward): forward 4 B^2 D for
+CLIP (two sweeps), 2 B^2 D for SigLIP; backward 2 launches x (2 B^2 D x ceil(D / BLOCK_D) recomputing
+S, + 2 B^2 D for G @ K). With BLOCK_D = 256 at D = 512 that is 16 B^2 D for CLIP forward+backward,
+2.7x the useful work: the price of keeping the B x B matrix out of memory with a register-resident
+dA tile. BLOCK_D and the tile shape are the first things to tune on a GPU (untuned: no GPU was
+available when this was written; `kfe bench contrastive` measures it).
 """
 from __future__ import annotations
 

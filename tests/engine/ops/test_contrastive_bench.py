@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from engine.bench import core
 from engine.ops.contrastive import bench
 from train.cli import main
 
@@ -31,6 +32,16 @@ def test_materialised_providers_skipped_when_logits_cannot_fit(monkeypatch):
     monkeypatch.setattr(bench, "_free_bytes", lambda device: 2**30)
     fns, notes = bench.providers("clip", 32768, torch.float32, torch.device("cpu"))
     assert set(fns) == {"kfe"} and any("reference skipped at B=32768" in n for n in notes)
+
+
+def test_matmul_rate_columns():
+    # Run on a GPU only by `kfe bench`; its arithmetic is checked here on a tiny CPU case.
+    cases = bench.cases(torch.device("cpu"), [(32, 16)], [torch.float32], ("clip",))
+    records = core.run(cases, ["fwd+bwd"], warmup=0, repeats=1, providers=["kfe"])
+    bench._matmul_rates(records, cases)
+    kfe = next(r for r in records if r["provider"] == "kfe")
+    assert kfe["matmul_tflops"] > 0 and kfe["pct_matmul_rate"] > 0
+    assert bench.executed_flops("clip", 32, 16, "fwd+bwd", torch.device("cpu")) == 12 * 32 * 32 * 16
 
 
 def test_parse_sizes():
