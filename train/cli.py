@@ -2,6 +2,7 @@
 
     kfe doctor                 versions, device, compiled extension, backends per op
     kfe bench grn              benchmark an op (see `kfe bench --list`)
+    kfe curate metaclip        MetaCLIP curation of a raw pool (--metadata M --pool P --out DIR)
 
 Run `kfe <command> --help` for the options of each command.
 """
@@ -11,6 +12,10 @@ import argparse
 import sys
 
 from engine import cli as engine_cli
+from engine.bench import register_suite
+from train.curation import cli as curation_cli
+
+register_suite("curate", "train.curation.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     sub = parser.add_subparsers(dest="command", metavar="command")
     engine_cli.add_subcommands(sub)
+    curation_cli.add_subcommands(sub)
+    curation_cli.add_bench_arguments(sub.choices["bench"])
     return parser
 
 

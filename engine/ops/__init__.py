@@ -1,4 +1,6 @@
 """The engine's ops. Each family is a package: reference.py (the spec), fast paths, op.py (entry)."""
+from engine.ops.attention import attention
+from engine.ops.contrastive import contrastive_loss
 from engine.ops.grn import grn
 
-__all__ = ["grn"]
+__all__ = ["attention", "contrastive_loss", "grn"]
