@@ -10,7 +10,6 @@ SLIP adds a SimCLR head on the vision features (`image_mlp`, Sec. 3 of the SLIP 
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
+from engine.nn import ContrastiveLoss
 from models.registry import register_model
 from models.vit import VARIANTS as VIT_VARIANTS, VisionTransformer
 
@@ -87,8 +87,10 @@ class CLIP(nn.Module):
         self.ln_final = nn.LayerNorm(transformer_width)
         self.image_projection = nn.Parameter(torch.empty(self.vision_width, embed_dim))
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))  # CLIP's log(1/0.07)
-        if self.logit_scale.device.type != "meta":
+        # The learnable temperature lives in the engine's loss (init 0.07, scale capped at 100).
+        self.contrastive = ContrastiveLoss("clip", init_temperature=init_temperature, max_scale=100.0)
+        self._register_load_state_dict_pre_hook(_accept_slip_logit_scale)
+        if self.text_projection.device.type != "meta":
             self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
@@ -125,7 +127,18 @@ class CLIP(nn.Module):
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image_embed": F.normalize(self.encode_image(image), dim=-1),
                 "text_embed": F.normalize(self.encode_text(text), dim=-1),
-                "logit_scale": self.logit_scale.clamp(max=math.log(100)).exp()}  # CLIP caps the scale at 100
+                "logit_scale": self.contrastive.scale()}
+
+    def clip_loss(self, out: dict[str, torch.Tensor], group=None) -> torch.Tensor:
+        """kfe::contrastive_loss of forward()'s embeddings (all-gathered across `group` when distributed)."""
+        return self.contrastive(out["image_embed"], out["text_embed"], group=group)
+
+
+def _accept_slip_logit_scale(state_dict, prefix, *args) -> None:
+    """SLIP/OpenAI checkpoints keep the temperature at `logit_scale`; here it is `contrastive.logit_scale`."""
+    old = prefix + "logit_scale"
+    if old in state_dict:
+        state_dict[prefix + "contrastive.logit_scale"] = state_dict.pop(old)
 
 
 class SLIP(CLIP):
