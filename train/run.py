@@ -16,7 +16,7 @@ from train import dist as dist_mod
 from train.data import eval_batches, kind_of, open_eval
 from train.eval import features, knn_top1, linear_probe, percent
 from train.recipes.base import get
-from train.trainer import Trainer, prepare_batch
+from train.trainer import Trainer, prepare_batch, to_channels_last
 
 
 def resolve_config(recipe_name: str, config_file: str | None = None, preset: str = "auto",
@@ -90,7 +90,9 @@ def load_for_eval(path: str, overrides: list[str] | None = None, ema: bool = Fal
     module = task.model
     module.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
     channels_last = task.channels_last and cfg.channels_last
-    module = module.to(info.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    module = module.to(info.device)
+    if channels_last:
+        to_channels_last(module)
     module.eval()
 
     def prepare(batch):

@@ -55,6 +55,15 @@ def check_config(cfg: TrainConfig, world: int) -> None:
             raise err(f"{name} must be positive, got {getattr(cfg, name)}")
 
 
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Conv weights to channels-last (only those: 4-D parameters of other layers, like GRN's (1, 1, 1, C)
+    gamma, would get strides their gradients do not have, which DDP's buckets warn about)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+    return module
+
+
 def prepare_batch(batch: dict, device: torch.device, channels_last: bool, task) -> dict:
     """A loader batch on the device: images float and normalised (channels-last if asked), labels long."""
     out = dict(batch)
@@ -93,7 +102,7 @@ class Trainer:
         self.module = self.task.model.to(self.device)
         self.channels_last = self.task.channels_last and cfg.channels_last
         if self.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
+            to_channels_last(self.module)
         self.sharded = cfg.dist == "fsdp" and info.world > 1
         state = ckpt_mod.load(resume) if resume else None
         if state is not None and not self.sharded:

@@ -132,7 +132,10 @@ class Loader:
         return None if self.stream else self.consumed / self.sampler.per_epoch
 
     def _dataloader(self) -> DataLoader:
-        kw = dict(num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory)
+        # Own generator: creating a DataLoader iterator draws a worker base seed, which must not move the
+        # global RNG (drop path, Mixup) between an uninterrupted and a resumed run.
+        kw = dict(num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
+                  generator=torch.Generator().manual_seed(self.seed))
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
         if self.stream:
