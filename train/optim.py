@@ -2,8 +2,8 @@
 
 - lr = blr * batch / 256 (the linear scaling rule of MAE / ConvNeXt V2; ConvNeXt's 4e-3 at batch
   4096 is blr 2.5e-4), unless an absolute lr is given.
-- 1-D parameters (norm weights, biases, GRN gamma/beta, layer-scale gamma) get no weight decay, as in
-  the official ConvNeXt / MAE optimizers.
+- 1-D parameters (norm weights, biases, layer-scale gamma) and GRN's (1, 1, 1, C) gamma / beta get no
+  weight decay, as in the official ConvNeXt / MAE optimizers (ConvNeXt V2's also skips *.gamma, *.beta).
 - The schedule is a pure function of the step: warmup from lr/W to lr over W steps, then cosine to
   min_lr at the last step.
 """
@@ -21,7 +21,7 @@ def param_groups(model: nn.Module, weight_decay: float, skip: tuple[str, ...] = 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip):
+        if p.ndim <= 1 or name.endswith((".bias", ".gamma", ".beta")) or any(s in name for s in skip):
             no_decay.append(p)
         else:
             decay.append(p)

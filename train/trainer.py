@@ -101,9 +101,9 @@ class Trainer:
         self.task = self.recipe.build_task(cfg, self.data, info)
         self.module = self.task.model.to(self.device)
         self.channels_last = self.task.channels_last and cfg.channels_last
-        if self.channels_last:
-            to_channels_last(self.module)
         self.sharded = cfg.dist == "fsdp" and info.world > 1
+        if self.channels_last and not self.sharded:  # FSDP2 cannot shard non-contiguous parameters
+            to_channels_last(self.module)
         state = ckpt_mod.load(resume) if resume else None
         if state is not None and not self.sharded:
             self.module.load_state_dict(state["model"])
@@ -211,6 +211,8 @@ class Trainer:
             images += batch["image"].shape[0]
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

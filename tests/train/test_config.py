@@ -85,7 +85,7 @@ def test_toml_round_trip_and_ints_for_floats(tmp_path):
 
 def test_recipe_presets_and_files(tmp_path):
     cfg, preset = resolve_config("supervised")                       # default data is shapes
-    assert preset == "shapes" and cfg.model == "convnextv2_atto" and cfg.resolution == 64
+    assert preset == "shapes" and cfg.model == "convnextv2_atto" and cfg.resolution == 32
     cfg, preset = resolve_config("supervised", overrides=["--data", "/data/imagenet"])
     assert preset == "paper" and (cfg.model, cfg.batch_size, cfg.blr, cfg.ema) == ("convnext_tiny", 4096, 2.5e-4, True)
     f = tmp_path / "run.toml"

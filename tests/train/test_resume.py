@@ -91,3 +91,17 @@ def test_atomic_save_leaves_old_checkpoint_when_interrupted(tmp_path, monkeypatc
         assert ckpt.find_resume(str(tmp_path), "auto") == path
     ckpt.remove_stale_temporaries(str(tmp_path))
     assert ".ckpt-00000004.pt.tmp.123" not in os.listdir(tmp_path)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "train.cli", "train", "supervised", "--data", "shapes", *TINY,
+                             "--steps", "500", "--out", out], env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    text = proc.stdout.read()
+    assert "stopped by SIGTERM at step" in text and "continue with --resume auto" in text
+    (step, path), = ckpt.list_checkpoints(out)
+    assert 2 <= step < 500 and ckpt.load(path)["step"] == step

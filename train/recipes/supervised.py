@@ -6,8 +6,9 @@ AdamW, lr 4e-3 at batch 4096 (blr 2.5e-4 with lr = blr * batch / 256), weight de
 stochastic depth 0.1 (ConvNeXt-T; 0.4 S, 0.5 B/L), EMA 0.9999. Not implemented here: RandAugment
 (9, 0.5) and Random Erasing 0.25 (RandomResizedCrop + flip only).
 
-The `shapes` preset (chosen automatically for --data shapes) is a CPU-sized run: ConvNeXt V2 Atto at
-64 px, batch 64, a few hundred steps, no Mixup/EMA, evaluated on the held-out split.
+The `shapes` preset (chosen automatically for --data shapes) is a CPU-sized run: a 0.2M-parameter
+ConvNeXt V2 (Atto with one block per stage, dims 16..128) at 32 px, batch 64, 1000 steps, no Mixup/EMA,
+evaluated on the held-out split.
 """
 from __future__ import annotations
 
@@ -44,12 +45,14 @@ class SupervisedConfig(TrainConfig):
 
 
 PRESETS = {
-    # A laptop-CPU run on generated shapes: a couple of minutes, held-out top-1 far above chance.
+    # A laptop-CPU run on generated shapes (a couple of minutes): ConvNeXt V2 with one block per stage and
+    # dims 16..128 (0.2M parameters) at 32 px. Measured here: the full Atto, and 48-64 px, stayed at
+    # chance for the first 300 steps, while this one climbs steadily (see the README's numbers).
     "shapes": {
-        "model": "convnextv2_atto", "resolution": 64, "batch_size": 64, "steps": 300, "warmup_steps": 20,
-        "blr": 2e-3, "weight_decay": 0.05, "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": False,
-        "num_workers": 2, "log_every": 10, "eval_every": 100, "ckpt_every": 100, "eval_batch_size": 200,
-        "shapes": {"val_size": 1000},
+        "model": "convnextv2_atto", "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]},
+        "resolution": 32, "batch_size": 64, "steps": 1000, "warmup_steps": 50, "blr": 4e-3, "min_lr": 1e-5,
+        "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": False, "num_workers": 1, "log_every": 25,
+        "eval_every": 250, "ckpt_every": 250, "eval_batch_size": 250, "shapes": {"val_size": 1000},
     },
 }
 
