@@ -34,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "train":  # free-form --key value overrides: parsed by train.config
+    if argv and argv[0] in ("train", "eval"):  # free-form --key value overrides: parsed by train.config
         from train import cli_train
 
-        return cli_train.train_command(argv[1:])
+        return (cli_train.train_command if argv[0] == "train" else cli_train.eval_command)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -87,10 +87,32 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
-def eval_command(args: argparse.Namespace) -> int:
+def _eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a ckpt-*.pt file")
+    p.add_argument("--probe", choices=["top1", "knn", "linear"], default="top1")
+    p.add_argument("--probe_samples", type=int, default=5000, help="training images for knn / linear")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    return p
+
+
+EVAL_HELP = ("Held-out top-1 of a run's newest checkpoint (or a file), or a k-NN / linear probe on the "
+             "recipe's features. Other --key value pairs override the saved config (e.g. --val_data DIR "
+             "--device cpu --num_workers 0).")
+
+
+def eval_command(argv: list[str]) -> int:
+    """`kfe eval CKPT [--probe ...] [--key value ...]`: unknown options are config overrides."""
+    from train.config import ConfigError
+    from train.data import DataError
     from train.run import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, args.probe, args.ema, args.overrides, args.probe_samples)
+    parser = _eval_arguments(argparse.ArgumentParser(prog="kfe eval", description=EVAL_HELP))
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        evaluate_checkpoint(args.checkpoint, args.probe, args.ema, overrides, args.probe_samples)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"kfe eval: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -112,16 +134,8 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("train", help="train a recipe (kfe train --help)", add_help=False)
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split",
-                       description="Held-out top-1 of a run's newest checkpoint (or a file), or a k-NN / "
-                                   "linear probe on the recipe's features. Extra --key value pairs override "
-                                   "the saved config (e.g. --val_data DIR --device cpu).")
-    p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a ckpt-*.pt file")
-    p.add_argument("--probe", choices=["top1", "knn", "linear"], default="top1")
-    p.add_argument("--probe_samples", type=int, default=5000, help="training images for knn / linear")
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value config overrides")
-    p.set_defaults(func=eval_command)
+    _eval_arguments(sub.add_parser("eval", help="evaluate a checkpoint on the held-out split",
+                                   description=EVAL_HELP))
     p = sub.add_parser("export", help="write a checkpoint's weights as a plain state dict (official keys)")
     p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a ckpt-*.pt file")
     p.add_argument("out", help="output .pt (torch.save of the state dict) or .safetensors")

@@ -11,6 +11,7 @@ import torch
 
 from tests.train.util import ROOT, TINY, env, kfe, metrics
 from train import checkpoint as ckpt
+from train.cli import main as kfe_main
 
 STEPS = 8
 # Data workers, drop path and Mixup/CutMix all on: every source of randomness must resume exactly.
@@ -64,12 +65,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
             assert torch.equal(tensor, final_cut[key][name]), (key, name)
 
 
-def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
+def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
     ckpt.atomic_save({"format": ckpt.FORMAT_VERSION}, ckpt.path_for(out, 3))
-    r = kfe(*ARGS[:2], "--out", out, "--data", "shapes", *TINY, "--steps", "1")
-    assert r.returncode == 2 and "already holds checkpoints: pass --resume auto" in r.stderr
+    assert kfe_main([*ARGS[:2], "--out", out, "--data", "shapes", *TINY, "--steps", "1"]) == 2
+    assert "already holds checkpoints: pass --resume auto" in capsys.readouterr().err
 
 
 def test_atomic_save_leaves_old_checkpoint_when_interrupted(tmp_path, monkeypatch):

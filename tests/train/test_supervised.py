@@ -44,6 +44,11 @@ def test_loss_falls_then_eval_export_and_probe(tmp_path, capsys):
     knn = evaluate_checkpoint(cfg.out, probe="knn", probe_samples=64)
     assert 0 <= knn["knn_top1"] <= 1 and knn["train_n"] == 16   # the whole (16-image) train split
     assert "held-out knn top-1" in capsys.readouterr().out
+    assert kfe_main(["eval", cfg.out, "--probe", "top1", "--num_workers", "0"]) == 0   # options + overrides
+    assert "(step 30): held-out top-1" in capsys.readouterr().out
+    assert kfe_main(["eval", cfg.out, "--nope", "1"]) == 2 and "unknown key 'nope'" in capsys.readouterr().err
+    assert kfe_main(["export", cfg.out, str(tmp_path / "w.pt")]) == 0
+    assert list(torch.load(tmp_path / "w.pt")) == list(sd)
 
 
 def test_webdataset_training_counts_bad_samples(tmp_path):
@@ -77,3 +82,18 @@ def test_config_saved_in_run_dir_reloads(tmp_path):
     again, _ = resolve_config("supervised", os.path.join(cfg.out, "config.toml"), "paper")
     assert again == cfg and saved["shapes"]["label"] == "color"
     assert json.loads(json.dumps(parse_overrides(type(cfg), ["--shapes.seed", "3"]))) == {"shapes": {"seed": 3}}
+
+
+def test_gradient_clipping_and_the_logged_pre_clip_norm(tmp_path):
+    from train.recipes import get
+    from train.trainer import Trainer
+
+    cfg, _ = resolve_config("supervised", overrides=["--data", "shapes", *TINY, "--out", str(tmp_path),
+                                                     "--clip_grad", "0.05", "--steps", "2"])  # noqa: E127
+    t = Trainer(get("supervised"), cfg)
+    t.setup(checkpoints=False)
+    seen = []  # the norm of the gradient the optimizer actually applies
+    t.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
+        float(torch.stack([p.grad.norm() for p in t.module.parameters()]).norm())))
+    out = t.step(iter(t.loader), 0)
+    assert float(out["grad_norm"]) > 0.05 and seen[0] == pytest.approx(0.05, rel=1e-4)

@@ -152,7 +152,8 @@ class Loader:
             if "stream" in meta:
                 self.positions[meta["stream"]] = tuple(meta["pos"])
             self.consumed += 1
-            yield batch
+            if "image" in batch:  # a batch whose samples were all bad is counted, then passed over
+                yield batch
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "positions": {int(k): list(v) for k, v in self.positions.items()},
