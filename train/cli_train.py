@@ -39,7 +39,8 @@ def print_recipe_help(name: str) -> None:
 
     shared = set(config_mod.keys(TrainConfig))
     flat = config_mod.keys(recipe.config)
-    for title, names in (("recipe", [k for k in flat if k not in shared]), ("shared", [k for k in flat if k in shared])):
+    groups = (("recipe", [k for k in flat if k not in shared]), ("shared", [k for k in flat if k in shared]))
+    for title, names in groups:
         print(f"  [{title}]")
         for k in names:
             tp, default, text = flat[k]

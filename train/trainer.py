@@ -123,17 +123,23 @@ class Trainer:
             self._restore(state, resume)
 
     def _find_resume(self) -> str | None:
+        """Rank 0 looks in the run directory; every rank gets its answer (or its error: no rank hangs)."""
         cfg, info = self.cfg, self.info
-        path = None
+        path, error = None, None
         if info.main:
             os.makedirs(self.run_dir, exist_ok=True)
             ckpt_mod.remove_stale_temporaries(self.run_dir)
-            path = ckpt_mod.find_resume(self.run_dir, cfg.resume)
+            try:
+                path = ckpt_mod.find_resume(self.run_dir, cfg.resume)
+            except FileNotFoundError as err:
+                error = str(err)
             if not cfg.resume and ckpt_mod.list_checkpoints(self.run_dir):
-                raise config_mod.ConfigError(
-                    f"{self.run_dir} already holds checkpoints: pass --resume auto to continue that run, "
-                    "or --out DIR for a new one")
-        return dist_mod.broadcast_object(path, info)
+                error = (f"{self.run_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                         "or --out DIR for a new one")
+        path, error = dist_mod.broadcast_object((path, error), info)
+        if error:
+            raise config_mod.ConfigError(error)
+        return path
 
     def _lengths(self) -> tuple[int, int]:
         cfg = self.cfg

@@ -80,8 +80,9 @@ def _folder_split(spec: str, split: str) -> str | None:
 def open_split(spec: str, split: str, *, resolution: int, fields: tuple[str, ...], augment: str,
                seed: int, rank: int = 0, world: int = 1, shapes: ShapesOptions | None = None,
                crop_min_scale: float = 0.08) -> Split | None:
-    """The `split` ("train" | "val" | "all" for a folder) of a data spec, transformed; None when the spec has no such split
-    (e.g. an ImageFolder without val/). Streams are endless for train and one pass for val."""
+    """The `split` ("train" | "val" | "all" for a folder) of a data spec, transformed; None when the spec
+    has no such split (an ImageFolder without val/; WebDataset shards, whose held-out shards are their
+    own spec: see open_eval). A WebDataset train split is an endless stream."""
     kind = check(spec)
     transform = make_transform(resolution, augment, crop_min_scale)
     if kind == "shapes":
