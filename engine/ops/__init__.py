@@ -1,4 +1,5 @@
 """The engine's ops. Each family is a package: reference.py (the spec), fast paths, op.py (entry)."""
 from engine.ops.grn import grn
+from engine.ops.sparse_conv import sparse_dwconv2d, sparse_dwconv2d_rows
 
-__all__ = ["grn"]
+__all__ = ["grn", "sparse_dwconv2d", "sparse_dwconv2d_rows"]
