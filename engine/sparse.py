@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.ops import _checks
+from engine.ops.sparse_conv import op as sparse_op
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,6 +147,7 @@ def _build(mask: torch.Tensor, k: int) -> SparseStage:
     Hp, Wp = H + 2 * p, W + 2 * p
     windows = rank.as_strided((N, H, W, k, k), (Hp * Wp, Wp, 1, Wp, 1))
     neighbours = windows[mask].reshape(V, k * k)                       # (V, k*k) int32
+    sparse_op.mark_valid(neighbours)
     per = counts.tolist()
     uniform = per[0] if per and per[0] > 0 and all(c == per[0] for c in per) else None
     return SparseStage(mask, index, index // (H * W), offsets, neighbours, k, uniform)

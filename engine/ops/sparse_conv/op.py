@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from engine import _ext
 from engine.backend import FLOAT_DTYPES, Impl, OpBackends, register
@@ -176,8 +177,18 @@ def check_rows(feats, neighbours, weight, bias, *, values: bool = True) -> None:
         raise ValueError(f"neighbours must be (V, k*k) = ({V}, {k * k}) for feats {tuple(feats.shape)} and a "
                          f"{k}x{k} weight, got {tuple(neighbours.shape)}")
     _checks.same_device("neighbours", neighbours, "feats", feats)
-    if values and V and not torch.compiler.is_compiling():
+    if values and V and not torch.compiler.is_compiling() and _VALID.get(neighbours) != neighbours._version:
         _check_table_values(neighbours)
+        mark_valid(neighbours)
+
+
+# Tables known to be valid, with the version counter they had then (an in-place edit invalidates).
+_VALID = WeakIdKeyDictionary()
+
+
+def mark_valid(neighbours: torch.Tensor) -> None:
+    """Records that this neighbour table is a valid submanifold table (engine.sparse builds them)."""
+    _VALID[neighbours] = neighbours._version
 
 
 def _check_table_values(nbr: torch.Tensor) -> None:
@@ -206,7 +217,8 @@ def sparse_dwconv2d_rows(feats: torch.Tensor, neighbours: torch.Tensor, weight: 
         weight: (C, 1, k, k), k odd; bias: (C,) or None.
 
     y[v] = bias + sum_t weight[:, 0].flatten(1)[:, t] * feats[neighbours[v, t]]. Outside torch.compile
-    the table's values are validated (one pass over it); the stage's own table is valid by construction.
+    a table's values are validated the first time it is seen (a few passes over it; again after an
+    in-place change); the tables engine.sparse builds are valid by construction.
     """
     check_rows(feats, neighbours, weight, bias)
     return _rows(feats, neighbours, weight, bias)

@@ -201,6 +201,16 @@ def test_cpp_weight_grad_row_groups():
     _check("cpp", x, w, b, m)
 
 
+@pytest.mark.parametrize("dtype, C", [(torch.float32, 136), (torch.float64, 70), (torch.bfloat16, 72)], ids=str)
+def test_cpp_register_blocks_and_channel_tails(dtype, C):
+    # float / double run register blocks of 64 / 32 channels, then scalar tails; bfloat16 is scalar.
+    if "cpp" not in BACKENDS:
+        pytest.fail("cpp backend unavailable")
+    x, w, b, m = _inputs((2, 6, 7, C), 3, dtype, pixel_mask(2, 6, 7, 0.6))
+    _check("cpp", x, w, b, m)
+    _check_rows("cpp", x, w, b, m)
+
+
 def test_triton_split_reduction_and_small_blocks(monkeypatch):
     # On a GPU the weight-gradient rows are split across programs and blocks are small; force both.
     if "triton" not in BACKENDS:
