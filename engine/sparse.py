@@ -24,7 +24,9 @@ resolution. Odd sizes drop the last row / column, as Conv2d(k=2, s=2) does.
 torch.compile: building a stage (`SparseStage.from_mask`, `downsample`) has data-dependent shapes
 (V = number of visible sites) and runs eagerly, outside the compiled region; build all stages up
 front with `build_stages`. Everything that consumes a stage (gather, blocks, downsample layers,
-to_dense) traces with fullgraph=True.
+to_dense) traces with fullgraph=True. A stage's Python fields (shape, kernel_size, rows_per_sample)
+are guarded on; FCMAE keeps V and rows_per_sample fixed from step to step, so nothing recompiles.
+Row indices are int32 in the table: V < 2**31.
 """
 from __future__ import annotations
 

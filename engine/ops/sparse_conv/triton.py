@@ -37,9 +37,8 @@ def _tap_source(rows, row_ok, t, nbr_ptr, mask_ptr, R_in, H, W,
                 KS: tl.constexpr, DENSE: tl.constexpr):
     """(input rows of tap t for output rows `rows`, whether each tap is valid)."""
     if DENSE:
-        P: tl.constexpr = KS // 2
-        di = t // KS - P
-        dj = t % KS - P
+        di = t // KS - KS // 2
+        dj = t % KS - KS // 2
         hw = rows % (H * W)
         hh = hw // W + di
         ww = hw % W + dj
