@@ -16,8 +16,9 @@
 // reduce over rows in fixed row groups (opmath within 32-row blocks, double across blocks and
 // groups), so results do not depend on the thread count.
 //
-// The channel loops vectorize; they are compiled twice, for AVX2+FMA (picked at run time when the CPU
-// has it) and for the baseline ISA, since the extension is built without -march flags.
+// Channel loops are register-blocked (64 floats / 32 doubles of accumulators held across all taps)
+// and compiled twice, for AVX2+FMA (picked at run time when the CPU has it) and for the baseline ISA,
+// since the extension is built without -march flags.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
