@@ -11,6 +11,7 @@ SUITES: dict[str, str] = {
     "grn": "engine.ops.grn.bench",
     "attention": "engine.ops.attention.bench",
     "contrastive": "engine.ops.contrastive.bench",
+    "sparse": "engine.ops.sparse_conv.bench",
 }
 
 

@@ -2,5 +2,6 @@
 from engine.ops.attention import attention
 from engine.ops.contrastive import contrastive_loss
 from engine.ops.grn import grn
+from engine.ops.sparse_conv import sparse_dwconv2d, sparse_dwconv2d_rows
 
-__all__ = ["attention", "contrastive_loss", "grn"]
+__all__ = ["attention", "contrastive_loss", "grn", "sparse_dwconv2d", "sparse_dwconv2d_rows"]
