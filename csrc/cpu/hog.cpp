@@ -52,11 +52,11 @@ inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 *
     dst[width + 1] = static_cast<acc_t>(src[reflect(x0 + width, g.W)]);                                        \
   }                                                                                                            \
   std::fill(hist, hist + ncx * g.nbins, acc_t(0));                                                             \
-  acc_t *gx = s.gx.data(), *gy = s.gy.data(), *mag = s.mag.data();                                             \
-  int32_t* bins = s.bins.data();                                                                               \
+  acc_t *__restrict gx = s.gx.data(), *__restrict gy = s.gy.data(), *__restrict mag = s.mag.data();          \
+  int32_t* __restrict bins = s.bins.data();                                                                    \
   for (int64_t r = 0; r < g.cell; ++r) {                                                                       \
-    const acc_t *up = rows + r * stride, *mid = up + stride, *dn = mid + stride;                               \
-    for (int64_t i = 0; i < width; ++i) { /* Kx = [[1,0,-1],[2,0,-2],[1,0,-1]], Ky = Kx^T */                  \
+    const acc_t *__restrict up = rows + r * stride, *__restrict mid = up + stride, *__restrict dn = mid + stride; \
+    _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) { /* Kx = [[1,0,-1],[2,0,-2],[1,0,-1]], Ky = Kx^T */                  \
       const acc_t dx = (up[i] - up[i + 2]) + acc_t(2) * (mid[i] - mid[i + 2]) + (dn[i] - dn[i + 2]);           \
       const acc_t dy = (up[i] + acc_t(2) * up[i + 1] + up[i + 2]) - (dn[i] + acc_t(2) * dn[i + 1] + dn[i + 2]); \
       mag[i] = std::sqrt(dx * dx + dy * dy);                                                                   \
@@ -67,14 +67,17 @@ inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 *
     }                                                                                                          \
     for (int64_t k = 0; k + 1 < g.nbins; ++k) { /* count boundaries passed: exact, see header */               \
       const acc_t c_hi = table[4 * k], c_lo = table[4 * k + 1], s_hi = table[4 * k + 2], s_lo = table[4 * k + 3]; \
-      for (int64_t i = 0; i < width; ++i)                                                                      \
+      _Pragma("omp simd") for (int64_t i = 0; i < width; ++i)                                                  \
         bins[i] += ((c_hi * gx[i] - s_hi * gy[i]) + (c_lo * gx[i] - s_lo * gy[i])) >= 0;                       \
     }                                                                                                          \
     if (g.gw) {                                                                                                \
       const acc_t* wrow = gk + ((cy * g.cell + r) % g.gw) * g.gw;                                              \
       for (int64_t i = 0; i < width; ++i) mag[i] *= wrow[(x0 + i) % g.gw];                                     \
     }                                                                                                          \
-    for (int64_t i = 0; i < width; ++i) hist[(i / g.cell) * g.nbins + bins[i]] += mag[i];                      \
+    for (int64_t cx = 0; cx < ncx; ++cx) { /* scatter the votes: one cell at a time */                       \
+      acc_t* hc = hist + cx * g.nbins;                                                                         \
+      for (int64_t i = cx * g.cell; i < (cx + 1) * g.cell; ++i) hc[bins[i]] += mag[i];                         \
+    }                                                                                                          \
   }
 
 #define KFE_HOG_BAND_ARGS                                                                                      \
@@ -82,18 +85,18 @@ inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 *
       int64_t ncx, Scratch<acc_t> &s, acc_t *hist
 
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), optimize("no-math-errno"))) void
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void
 band_avx512(KFE_HOG_BAND_ARGS) {
   KFE_HOG_BAND_BODY
 }
 
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"), optimize("no-math-errno"))) void band_avx2(KFE_HOG_BAND_ARGS) {
+__attribute__((target("avx2,fma"))) void band_avx2(KFE_HOG_BAND_ARGS) {
   KFE_HOG_BAND_BODY
 }
 
 template <typename scalar_t, typename acc_t>
-__attribute__((optimize("no-math-errno"))) void band_base(KFE_HOG_BAND_ARGS) {
+void band_base(KFE_HOG_BAND_ARGS) {
   KFE_HOG_BAND_BODY
 }
 

@@ -13,9 +13,10 @@ significant bits (any image of k/256 values or 8-bit pixels: Sobel sums of those
 below 2^11), because each constant is split into a 12-bit head and a tail, `c = c_hi + c_lo`, so the
 products c_hi * Y are exact and rounding only touches terms 2^-12 smaller than the smallest nonzero
 cross product such gradients can produce (3.1e-7 |P| for nbins = 9, tests/engine/ops/test_hog_bins.py).
-The boundaries with a rational slope (pi/4, pi/2, 3pi/4) get identical |cos| and |sin| so that
-diagonal and vertical gradients give exactly 0 and land on the upper side, as the reference puts them.
-For other inputs the fp32 kernels agree with a float64 reference except for pixels within ~1e-7
+The boundaries with a rational slope (pi/2, pi/4, 3pi/4; even nbins) use the exact directions (0, 1),
+(1, 1), (-1, 1) instead (only the direction matters), so gradients exactly on them give a cross
+product of exactly 0, fused multiply-adds or not, and land on the upper side as in the reference. The
+other boundaries have no exact ties, and there an FMA only moves the result by ~2^-36 |P|. For other inputs the fp32 kernels agree with a float64 reference except for pixels within ~1e-7
 of a boundary, as any fp32 evaluation would.
 
 Work units. A kernel program (Triton), task (C++) or block (CUDA) owns a rectangle of uh x uw cells of
@@ -50,14 +51,14 @@ def _split(v: float) -> tuple[float, float]:
 
 
 def boundaries(nbins: int) -> list[tuple[float, float]]:
-    """(cos, sin) of theta_k = k*pi/nbins for k = 1..nbins-1, exact where the slope is rational."""
+    """Direction (cos, sin) of theta_k = k*pi/nbins for k = 1..nbins-1; exact, unnormalised, where the
+    slope is rational (only the side of the boundary line matters)."""
     out = []
     for k in range(1, nbins):
         if 2 * k == nbins:
             out.append((0.0, 1.0))
         elif 4 * k in (nbins, 3 * nbins):
-            r = math.sqrt(0.5)
-            out.append((r if 4 * k == nbins else -r, r))
+            out.append((1.0 if 4 * k == nbins else -1.0, 1.0))  # direction (+-1, 1): exact ties
         else:
             out.append((math.cos(k * math.pi / nbins), math.sin(k * math.pi / nbins)))
     return out

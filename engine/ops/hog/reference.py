@@ -61,7 +61,11 @@ def hog_cells(frames: torch.Tensor, nbins: int = 9, cell: int = 8, gaussian_wind
     N, C, H, W = x.shape
     gx, gy = sobel(x)
     mag = torch.stack([gx, gy], dim=-1).norm(dim=-1)            # (N, C, H, W)
-    phase = torch.atan2(gx, gy) / math.pi * nbins               # in [-nbins, nbins]
+    # The phase is evaluated in float64 whatever the input precision: orientations exactly on a bin
+    # boundary (pi/4, pi/2, 3pi/4, possible when nbins is even) then land on the upper side as in exact
+    # arithmetic, where float32 atan2 sometimes rounds 3pi/4 down. For nbins = 9 (MaskFeat) this equals
+    # the official float32 computation on every gradient of an image of k/256 values (test_hog_bins.py).
+    phase = torch.atan2(gx.double(), gy.double()) / math.pi * nbins  # in [-nbins, nbins]
     bins = phase.floor().long() % nbins                         # (N, C, H, W), in [0, nbins)
     if gaussian_window:
         w = gaussian_window
@@ -96,7 +100,8 @@ def hog_targets(images: torch.Tensor, *, patch: int = 16, mask: torch.Tensor | N
     tokens = (cells.permute(0, 2, 3, 1)                          # (B*T, h, w, C*nbins)
               .unfold(1, u, u).unfold(2, u, u)                   # (B*T, h/u, w/u, C*nbins, u, u)
               .flatten(1, 2).flatten(2))                         # (B*T, Lf, D)
-    tokens = tokens.reshape(B, -1, tokens.shape[-1])             # (B, T*Lf, D): frames outer
+    T = images.shape[2] if images.dim() == 5 else 1
+    tokens = tokens.reshape(B, T * tokens.shape[1], tokens.shape[2])  # (B, T*Lf, D): frames outer
     return tokens if mask is None else tokens[mask]
 
 
