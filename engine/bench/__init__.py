@@ -7,7 +7,7 @@ registered by name in SUITES; models, recipes and curation add theirs with `regi
 from engine.bench.core import MODES, Case, run
 from engine.bench.report import markdown, write_json
 
-SUITES: dict[str, str] = {"grn": "engine.ops.grn.bench"}
+SUITES: dict[str, str] = {"grn": "engine.ops.grn.bench", "hog": "engine.ops.hog.bench"}
 
 
 def register_suite(name: str, module: str) -> None:

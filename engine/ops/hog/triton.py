@@ -4,8 +4,9 @@ Each program owns one work unit (engine/ops/hog/plan.py): a rectangle of UH x UW
 Its pixels are laid out cell-major as a (cells, pixels-per-cell) tile, so that the per-cell sums are
 row sums. For every channel it loads the 8 Sobel neighbours of every pixel (reflect padding folded
 into the indices; neighbours come from L1/L2, the image is read from memory once), computes the
-gradient, magnitude and exact bin (plan.py), votes into (bins, cells) with a one-hot reduction,
-L2-normalises over the bins and stores the cells at the unit's place in the output. Arithmetic is fp32.
+gradient and magnitude, sums the magnitudes past each exact bin boundary (plan.py) per cell, which
+gives the histograms as differences of nested sums (no per-bin one-hot pass), L2-normalises over the
+bins and stores the cells at the unit's place in the output. Arithmetic is fp32.
 """
 from __future__ import annotations
 
@@ -79,21 +80,25 @@ def _hog_kernel(
         mag = tl.sqrt(gx * gx + gy * gy)
         if GW > 0:
             mag = mag * weight
-        # Exact bin (plan.py): fold (X, Y) = (gy, gx) into the upper half-plane, count boundaries passed.
+        # Exact bins (plan.py): fold (X, Y) = (gy, gx) into the upper half-plane; a pixel's bin is the
+        # number of boundaries it lies on or past, and those sets are nested, so with S_j = sum of |g|
+        # over the pixels past boundary j (S_0 = all), the histogram is hist[j] = S_j - S_{j+1}.
         flip = (gx < 0) | ((gx == 0) & (gy < 0))
         X = tl.where(flip, -gy, gy)
         Y = tl.where(flip, -gx, gx)
-        bin_ = tl.zeros([CELLS_P2, PIX_P2], tl.int32)
+        mag = tl.where(ok, mag, 0.0)
+        s_prev = tl.sum(mag, axis=1)                        # (CELLS_P2,)
+        hist = tl.zeros([NB_P2, CELLS_P2], tl.float32)
         for j in tl.static_range(NBINS - 1):
             c_hi = tl.load(table_ptr + 4 * j)
             c_lo = tl.load(table_ptr + 4 * j + 1)
             s_hi = tl.load(table_ptr + 4 * j + 2)
             s_lo = tl.load(table_ptr + 4 * j + 3)
-            cross = (c_hi * Y - s_hi * X) + (c_lo * Y - s_lo * X)
-            bin_ += (cross >= 0).to(tl.int32)
-        mag = tl.where(ok, mag, 0.0)
-        votes = tl.where(bin_[None, :, :] == bins_id[:, None, None], mag[None, :, :], 0.0)
-        hist = tl.sum(votes, axis=2)                        # (NB_P2, CELLS_P2)
+            passed = ((c_hi * Y - s_hi * X) + (c_lo * Y - s_lo * X)) >= 0
+            s_next = tl.sum(tl.where(passed, mag, 0.0), axis=1)
+            hist = tl.where(bins_id[:, None] == j, (s_prev - s_next)[None, :], hist)
+            s_prev = s_next
+        hist = tl.where(bins_id[:, None] == NBINS - 1, s_prev[None, :], hist)  # (NB_P2, CELLS_P2)
         norm = tl.sqrt(tl.sum(hist * hist, axis=0))         # (CELLS_P2,)
         hist = hist / tl.maximum(norm, 1e-12)[None, :]
         cell_off = (cells // UW) * sY + (cells % UW) * sX
