@@ -2,14 +2,15 @@
 //
 // One pass per (frame, row of cells): for every channel, the cell+2 image rows the band needs
 // (reflect-padded) are converted to the math type once, then Sobel gradients, magnitudes and exact
-// orientation bins are computed row by row in vectorizable loops, votes go into the band's cell
-// histograms, and each cell is L2-normalised and written straight to its place in the output
+// orientation bins are computed row by row in vector loops that sum the magnitudes past each bin
+// boundary per column (no scatter; histograms are differences of those nested sums), and each cell is
+// L2-normalised and written straight to its place in the output
 // (kfe::hog's (B, T, C, nbins, h, w), or the (tokens, D) rows of kfe::hog_targets). With a token
 // index (masked targets) the tasks are the listed tokens only: unlisted tokens cost nothing.
 //
 // Binning is atan2-free and exact for gradients with <= 12 significant bits (engine/ops/hog/plan.py):
 // fold (X, Y) = (gy, gx) into the upper half-plane, then bin = #{k : c_k*Y - s_k*X >= 0} with each
-// constant split into a 12-bit head and a tail. Math is float (double for double input). The band
+// constant split into a 12-bit head and a tail (exact direction vectors for the rational boundaries). Math is float (double for double input). The band
 // kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time, since setup.py
 // builds for the baseline ISA.
 #include <ATen/ATen.h>
@@ -30,87 +31,120 @@ struct Geometry {
 
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> rows, gx, gy, mag;
-  std::vector<int32_t> bins;
-  Scratch(const Geometry& g, int64_t width) {
-    rows.resize((g.cell + 2) * (width + 2));
-    gx.resize(width), gy.resize(width), mag.resize(width), bins.resize(width);
-  }
+  std::vector<acc_t> rows, weight, past, mag, X, Y;
+  explicit Scratch(const Geometry& g, int64_t width)
+      : rows((g.cell + 2) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width), Y(width) {}
 };
 
 inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
 
+// Folded gradient (X, Y) = (gy, gx) -> upper half-plane; does it lie on or past boundary k?
+template <typename acc_t>
+inline __attribute__((always_inline)) bool past_boundary(const acc_t* t, acc_t X, acc_t Y) {
+  return ((t[0] * Y - t[2] * X) + (t[1] * Y - t[3] * X)) >= 0;  // t = c_hi, c_lo, s_hi, s_lo
+}
+
 // Histograms (ncx * nbins, un-normalised) of cells [cx0, cx0 + ncx) in cell row cy of one channel plane.
-#define KFE_HOG_BAND_BODY                                                                                      \
-  const int64_t width = ncx * g.cell, x0 = cx0 * g.cell, stride = width + 2;                                   \
-  acc_t* rows = s.rows.data();                                                                                 \
-  for (int64_t r = 0; r < g.cell + 2; ++r) { /* rows y0-1 .. y0+cell, reflect-padded, as acc_t */             \
-    const scalar_t* src = plane + reflect(cy * g.cell + r - 1, g.H) * g.W;                                     \
-    acc_t* dst = rows + r * stride;                                                                            \
-    dst[0] = static_cast<acc_t>(src[reflect(x0 - 1, g.W)]);                                                    \
-    for (int64_t i = 0; i < width; ++i) dst[i + 1] = static_cast<acc_t>(src[x0 + i]);                          \
-    dst[width + 1] = static_cast<acc_t>(src[reflect(x0 + width, g.W)]);                                        \
-  }                                                                                                            \
-  std::fill(hist, hist + ncx * g.nbins, acc_t(0));                                                             \
-  acc_t *__restrict gx = s.gx.data(), *__restrict gy = s.gy.data(), *__restrict mag = s.mag.data();          \
-  int32_t* __restrict bins = s.bins.data();                                                                    \
-  for (int64_t r = 0; r < g.cell; ++r) {                                                                       \
-    const acc_t *__restrict up = rows + r * stride, *__restrict mid = up + stride, *__restrict dn = mid + stride; \
-    _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) { /* Kx = [[1,0,-1],[2,0,-2],[1,0,-1]], Ky = Kx^T */                  \
-      const acc_t dx = (up[i] - up[i + 2]) + acc_t(2) * (mid[i] - mid[i + 2]) + (dn[i] - dn[i + 2]);           \
-      const acc_t dy = (up[i] + acc_t(2) * up[i + 1] + up[i + 2]) - (dn[i] + acc_t(2) * dn[i + 1] + dn[i + 2]); \
-      mag[i] = std::sqrt(dx * dx + dy * dy);                                                                   \
-      const bool flip = dx < 0 || (dx == 0 && dy < 0); /* fold into the upper half-plane */                    \
-      gx[i] = flip ? -dx : dx;                                                                                 \
-      gy[i] = flip ? -dy : dy;                                                                                 \
-      bins[i] = 0;                                                                                             \
-    }                                                                                                          \
-    for (int64_t k = 0; k + 1 < g.nbins; ++k) { /* count boundaries passed: exact, see header */               \
-      const acc_t c_hi = table[4 * k], c_lo = table[4 * k + 1], s_hi = table[4 * k + 2], s_lo = table[4 * k + 3]; \
-      _Pragma("omp simd") for (int64_t i = 0; i < width; ++i)                                                  \
-        bins[i] += ((c_hi * gx[i] - s_hi * gy[i]) + (c_lo * gx[i] - s_lo * gy[i])) >= 0;                       \
-    }                                                                                                          \
-    if (g.gw) {                                                                                                \
-      const acc_t* wrow = gk + ((cy * g.cell + r) % g.gw) * g.gw;                                              \
-      for (int64_t i = 0; i < width; ++i) mag[i] *= wrow[(x0 + i) % g.gw];                                     \
-    }                                                                                                          \
-    for (int64_t cx = 0; cx < ncx; ++cx) { /* scatter the votes: one cell at a time */                       \
-      acc_t* hc = hist + cx * g.nbins;                                                                         \
-      for (int64_t i = cx * g.cell; i < (cx + 1) * g.cell; ++i) hc[bins[i]] += mag[i];                         \
-    }                                                                                                          \
+//
+// No per-pixel scatter: past[0][i] sums |g| of column i over the band's rows, past[k][i] only where the
+// gradient lies past boundary k. The bins are nested (a pixel past boundary k is past every boundary
+// before it), so per cell hist[b] = S_b - S_{b+1} with S_k the cell's sum of past[k]: every loop is a
+// plain vector loop. NB > 0 unrolls the boundaries (the common nbins); NB = 0 takes nbins at run time.
+template <int NB, typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void band_impl(const scalar_t* plane, const Geometry& g, const acc_t* table,
+                                                     const acc_t* gk, int64_t cy, int64_t cx0, int64_t ncx,
+                                                     Scratch<acc_t>& s, acc_t* hist) {
+  const int64_t nbins = NB > 0 ? NB : g.nbins;
+  const int64_t width = ncx * g.cell, x0 = cx0 * g.cell, stride = width + 2;
+  acc_t* __restrict rows = s.rows.data();
+  for (int64_t r = 0; r < g.cell + 2; ++r) {  // image rows y0-1 .. y0+cell, reflect-padded, as acc_t
+    const scalar_t* src = plane + reflect(cy * g.cell + r - 1, g.H) * g.W;
+    acc_t* dst = rows + r * stride;
+    dst[0] = static_cast<acc_t>(src[reflect(x0 - 1, g.W)]);
+    for (int64_t i = 0; i < width; ++i) dst[i + 1] = static_cast<acc_t>(src[x0 + i]);
+    dst[width + 1] = static_cast<acc_t>(src[reflect(x0 + width, g.W)]);
   }
+  acc_t* __restrict past = s.past.data();
+  acc_t* __restrict weight = s.weight.data();  // all 1 without a Gaussian window
+  std::fill(past, past + nbins * width, acc_t(0));
+  for (int64_t r = 0; r < g.cell; ++r) {
+    if (g.gw) {
+      const acc_t* wrow = gk + ((cy * g.cell + r) % g.gw) * g.gw;
+      for (int64_t i = 0; i < width; ++i) weight[i] = wrow[(x0 + i) % g.gw];
+    }
+    const acc_t *__restrict up = rows + r * stride, *__restrict mid = up + stride, *__restrict dn = mid + stride;
+    acc_t *__restrict mags = s.mag.data(), *__restrict Xs = s.X.data(), *__restrict Ys = s.Y.data();
+    _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) {
+      // Kx = [[1,0,-1],[2,0,-2],[1,0,-1]], Ky = Kx^T, as cross-correlation.
+      const acc_t dx = (up[i] - up[i + 2]) + acc_t(2) * (mid[i] - mid[i + 2]) + (dn[i] - dn[i + 2]);
+      const acc_t dy = (up[i] + acc_t(2) * up[i + 1] + up[i + 2]) - (dn[i] + acc_t(2) * dn[i + 1] + dn[i + 2]);
+      const acc_t mag = std::sqrt(dx * dx + dy * dy) * weight[i];
+      const bool flip = dx < 0 || (dx == 0 && dy < 0);
+      const acc_t Y = flip ? -dx : dx, X = flip ? -dy : dy;
+      past[i] += mag;
+      if constexpr (NB > 0) {  // all boundaries while the pixel is in registers
+#pragma GCC unroll 32
+        for (int k = 1; k < NB; ++k) past[k * width + i] += past_boundary(table + 4 * (k - 1), X, Y) ? mag : acc_t(0);
+      } else {
+        mags[i] = mag, Xs[i] = X, Ys[i] = Y;
+      }
+    }
+    if constexpr (NB == 0) {
+      for (int64_t k = 1; k < nbins; ++k) {
+        const acc_t* t = table + 4 * (k - 1);
+        acc_t* __restrict pk = past + k * width;
+        _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) pk[i] += past_boundary(t, Xs[i], Ys[i]) ? mags[i] : acc_t(0);
+      }
+    }
+  }
+  for (int64_t cx = 0; cx < ncx; ++cx) {  // S_k per cell, then hist[b] = S_b - S_{b+1}
+    acc_t next = 0;
+    for (int64_t k = nbins - 1; k >= 0; --k) {
+      acc_t sk = 0;
+      for (int64_t i = cx * g.cell; i < (cx + 1) * g.cell; ++i) sk += past[k * width + i];
+      hist[cx * nbins + k] = sk - next;
+      next = sk;
+    }
+  }
+}
 
-#define KFE_HOG_BAND_ARGS                                                                                      \
-  const scalar_t *plane, const Geometry &g, const acc_t *table, const acc_t *gk, int64_t cy, int64_t cx0,      \
+#define KFE_HOG_BAND_ARGS                                                                                   \
+  const scalar_t *plane, const Geometry &g, const acc_t *table, const acc_t *gk, int64_t cy, int64_t cx0,   \
       int64_t ncx, Scratch<acc_t> &s, acc_t *hist
+#define KFE_HOG_BAND_CALL band_impl<NB, scalar_t, acc_t>(plane, g, table, gk, cy, cx0, ncx, s, hist)
 
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void
-band_avx512(KFE_HOG_BAND_ARGS) {
-  KFE_HOG_BAND_BODY
+template <int NB, typename scalar_t, typename acc_t>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void band_avx512(KFE_HOG_BAND_ARGS) {
+  KFE_HOG_BAND_CALL;
 }
 
-template <typename scalar_t, typename acc_t>
+template <int NB, typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void band_avx2(KFE_HOG_BAND_ARGS) {
-  KFE_HOG_BAND_BODY
+  KFE_HOG_BAND_CALL;
 }
 
-template <typename scalar_t, typename acc_t>
+template <int NB, typename scalar_t, typename acc_t>
 void band_base(KFE_HOG_BAND_ARGS) {
-  KFE_HOG_BAND_BODY
+  KFE_HOG_BAND_CALL;
 }
 
 template <typename scalar_t, typename acc_t>
 using BandFn = void (*)(KFE_HOG_BAND_ARGS);
 
-template <typename scalar_t, typename acc_t>
-BandFn<scalar_t, acc_t> pick_band() {
+template <int NB, typename scalar_t, typename acc_t>
+BandFn<scalar_t, acc_t> pick_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq"))
-    return band_avx512<scalar_t, acc_t>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return band_avx2<scalar_t, acc_t>;
-  return band_base<scalar_t, acc_t>;
+    return band_avx512<NB, scalar_t, acc_t>;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return band_avx2<NB, scalar_t, acc_t>;
+  return band_base<NB, scalar_t, acc_t>;
+}
+
+// MaskFeat's 9 bins get the unrolled kernel; any other count the run-time loop.
+template <typename scalar_t, typename acc_t>
+BandFn<scalar_t, acc_t> pick_band(int64_t nbins) {
+  return nbins == 9 ? pick_isa<9, scalar_t, acc_t>() : pick_isa<0, scalar_t, acc_t>();
 }
 
 // L2-normalise each of the ncx cells' nbins values over the bins (F.normalize, eps 1e-12) and store
@@ -134,7 +168,7 @@ void hog_typed(const at::Tensor& x, const at::Tensor& table_t, const at::Tensor&
   const acc_t* table = table_t.data_ptr<acc_t>();
   const acc_t* gk = gk_t.data_ptr<acc_t>();
   acc_t* op = out.data_ptr<acc_t>();
-  const BandFn<scalar_t, acc_t> band = pick_band<scalar_t, acc_t>();
+  const BandFn<scalar_t, acc_t> band = pick_band<scalar_t, acc_t>(g.nbins);
   const int64_t plane_size = g.H * g.W;
   auto plane_of = [&](int64_t f, int64_t c) { return xp + (((f / g.T) * g.C + c) * g.T + f % g.T) * plane_size; };
 
