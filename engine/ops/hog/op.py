@@ -135,6 +135,8 @@ def hog_targets(images: torch.Tensor, *, patch: int = 16, mask: torch.Tensor | N
     token t * (H/patch) * (W/patch) + row * (W/patch) + col. Returns float32 (float64 for float64 input)
     (B, L, D) with D = C * nbins * (patch/cell)^2 (108 for RGB, 9 bins, 16/8), or with a mask
     (num_masked, D) in row-major (b, token) order, i.e. `hog_targets(images)[mask]`. A constant.
+    With a mask the row count depends on the mask's values (as for `x[mask]`): under torch.compile, set
+    `torch._dynamo.config.capture_dynamic_output_shape_ops = True` to keep a single graph.
     """
     x = _check_images(images, nbins, cell, gaussian_window)
     _int("patch", patch, 1)

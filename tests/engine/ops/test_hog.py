@@ -257,12 +257,25 @@ def test_torch_compile_fullgraph():
     x = quantised((2, 3, 32, 32))
     mask = token_mask(x)
 
-    def targets(images, mask):  # the MaskFeat step: targets of the masked tokens, then a loss-like use
-        return hog_targets(images, mask=mask).square().mean(), hog(images).sum()
+    def step(images):
+        return hog_targets(images).square().mean(), hog(images).sum()
 
-    compiled = torch.compile(targets, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(x, mask), targets(x, mask)):
+    def masked_step(images, mask):  # MaskFeat: targets of the masked tokens only
+        return hog_targets(images, mask=mask).square().mean()
+
+    explanation = torch._dynamo.explain(step)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    for got, want in zip(torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x)):
         torch.testing.assert_close(got, want)
+    # A mask makes the row count data-dependent, as x[mask] does: one graph needs dynamo's flag.
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        explanation = torch._dynamo.explain(masked_step)(x, mask)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        compiled = torch.compile(masked_step, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, mask), masked_step(x, mask))
+    video = quantised((1, 3, 2, 16, 32))
+    torch.testing.assert_close(torch.compile(hog, fullgraph=True, backend="aot_eager")(video), hog(video))
 
 
 BAD_INPUTS = [

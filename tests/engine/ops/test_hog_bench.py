@@ -1,0 +1,30 @@
+"""`kfe bench hog`: byte counts, providers (skimage as the CPU peer), the self-running suite's output."""
+import json
+
+import torch
+
+from engine.ops.hog import bench
+from train.cli import main
+
+
+def test_cases_count_one_read_and_one_write():
+    full, masked = bench.cases(torch.device("cpu"), sizes=[(2, 3, 32, 48)], dtypes=[torch.float32])
+    image, targets = 2 * 3 * 32 * 48 * 4, 2 * 6 * 108 * 4
+    assert full.bytes == {"fwd": image + targets}
+    assert masked.bytes == {"fwd": bench.MASK_RATIO * (image + targets)}
+    assert {"reference", "compiled-reference", "kfe", "skimage"} <= set(full.providers)
+    assert "skimage" not in masked.providers  # the peer has no notion of tokens
+    x, mask = masked.make_inputs()
+    assert x.shape == (2, 3, 32, 48) and mask.shape == (2, 6) and mask.dtype == torch.bool
+
+
+def test_cli_reports_images_per_second(tmp_path, capsys):
+    path = tmp_path / "hog.json"
+    rc = main(["bench", "hog", "--sizes", "2x3x32x32", "--modes", "fwd,bwd", "--warmup", "0", "--repeats", "1",
+               "--providers", "kfe,skimage", "--json", str(path)])
+    out = capsys.readouterr()
+    assert rc == 0, out.out
+    assert "no backward" in out.err and "images/s" in out.out
+    records = json.loads(path.read_text())
+    assert {r["provider"] for r in records} == {"reference", "kfe", "skimage"}
+    assert all(r["mode"] == "fwd" and r["images_per_s"] > 0 and "error" not in r for r in records)
