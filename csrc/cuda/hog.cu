@@ -21,9 +21,15 @@ struct kfe_half_bits { unsigned short v; };
 struct kfe_bf16_bits { unsigned short v; };
 
 __device__ __forceinline__ float kfe_load(const kfe_half_bits* p, long long i) {
+#if defined(__CUDA_ARCH__)
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].v));
   return f;
+#else  // host-side emulation of the kernels (tests/csrc/cuda_emulator.cpp): IEEE half -> float by hand
+  const unsigned int h = p[i].v, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) return (sign ? -1.f : 1.f) * static_cast<float>(man) * 5.9604644775390625e-8f;  // 2^-24
+  return __uint_as_float(sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13)));
+#endif
 }
 
 __device__ __forceinline__ float kfe_load(const kfe_bf16_bits* p, long long i) {

@@ -24,25 +24,33 @@ def _channels_per_block(units: plan.Units, nbins: int) -> tuple[int, int]:
     return ch, 4 * (table + ch * (tile + partial))
 
 
-def _launch(x: torch.Tensor, units: plan.Units, nbins: int, gaussian_window: int) -> torch.Tensor:
-    out = plan.empty_output(units, x.device)
-    if units.count == 0:
-        return out
-    x = x.contiguous()
+def launch_args(x: torch.Tensor, units: plan.Units, nbins: int, gaussian_window: int) -> dict:
+    """Everything a launch of csrc/cuda/hog.cu needs (shared by both launch paths and the CPU emulation
+    in tests/csrc): the kernel, its dtype code, the table and window, the 22 params and shared bytes."""
     table = plan.bin_table(nbins, torch.float32, x.device)
     gk = plan.gauss_table(gaussian_window, torch.float32, x.device)
     ch, smem = _channels_per_block(units, nbins)
     params = [units.C, units.T, units.H, units.W, units.h, units.w, nbins, units.cell, gaussian_window,
               units.uh, units.uw, units.nty, units.ntx, *units.strides, ch]
     kernel, code = _KERNELS[x.dtype]
+    return dict(kernel=kernel, dtype=code, table=table, gk=gk, params=params, shared_bytes=smem)
+
+
+def _launch(x: torch.Tensor, units: plan.Units, nbins: int, gaussian_window: int) -> torch.Tensor:
+    out = plan.empty_output(units, x.device)
+    if units.count == 0:
+        return out
+    x = x.contiguous()
+    a = launch_args(x, units, nbins, gaussian_window)
     if _ext.has_op("_hog_cuda"):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        torch.ops.kfe._hog_cuda(x, table, gk, units.index, params, units.count, THREADS, smem, stream, out)
+        torch.ops.kfe._hog_cuda(x, a["table"], a["gk"], units.index, a["params"], units.count, THREADS,
+                                a["shared_bytes"], stream, out)
         return out
-    i32, i64 = np.int32, np.int64
-    args = [x, out, table, gk, units.index, *(i32(v) for v in params[:11]), *(i64(v) for v in params[11:21]),
-            i32(ch)]
-    _cuda.launch("hog", kernel, (units.count,), (THREADS,), args, shared_mem=smem, device=x.device)
+    p, i32, i64 = a["params"], np.int32, np.int64
+    args = [x, out, a["table"], a["gk"], units.index, *(i32(v) for v in p[:11]), *(i64(v) for v in p[11:21]),
+            i32(p[21])]
+    _cuda.launch("hog", a["kernel"], (units.count,), (THREADS,), args, shared_mem=a["shared_bytes"], device=x.device)
     return out
 
 
