@@ -56,6 +56,7 @@ CASES = [  # shape, nbins, cell, patch, gaussian window
     ((1, 5, 2, 16, 32), 9, 8, 16, 0),   # video; 5 channels: two channel chunks of at most 4
     ((1, 3, 24, 40), 9, 8, 8, 8),       # 3 x 5 cells: partial 2x2 tiles for kfe::hog
     ((2, 2, 16, 16), 4, 4, 8, 16),      # nbins with exact-tie boundaries, Gaussian window
+    ((1, 2, 12, 18), 7, 6, 6, 0),       # cell 6: 2 x 3 cells in 2x2 tiles
 ]
 
 

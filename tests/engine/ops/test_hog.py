@@ -87,7 +87,7 @@ def test_gaussian_window_and_options(backend, kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(B=st.integers(1, 2), C=st.integers(1, 3), T=st.sampled_from([0, 2]), h=st.integers(1, 3),
-       w=st.integers(1, 3), cell=st.sampled_from([2, 4, 8]), u=st.sampled_from([1, 2]),
+       w=st.integers(1, 3), cell=st.sampled_from([2, 3, 4, 6, 8]), u=st.sampled_from([1, 2]),
        nbins=st.sampled_from([1, 4, 9, 12]), masked=st.booleans(), seed=st.integers(0, 2**16))
 def test_hypothesis_shapes(backend, B, C, T, h, w, cell, u, nbins, masked, seed):
     shape = (B, C) + ((T,) if T else ()) + (h * u * cell, w * u * cell)
