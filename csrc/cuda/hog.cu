@@ -11,8 +11,8 @@
 //   2. runs one thread per (channel, pixel row, cell column): Sobel gradients from the tile, magnitude,
 //      exact bin (plan.py: fold into the upper half-plane, count boundaries with split constants),
 //      votes summed into that thread's own shared-memory histogram row (no atomics: deterministic),
-//   3. runs one thread per (channel, cell): adds the cell's `cell` row histograms in a fixed order,
-//      L2-normalises over the bins (eps 1e-12) and writes them through the output strides.
+//   3. runs one thread per (channel, cell, bin): adds the cell's `cell` row histograms in a fixed
+//      order, then L2-normalises over the bins (eps 1e-12) and writes through the output strides.
 // Math is fp32; the image is read from global memory once, the result written once.
 
 __device__ __forceinline__ float kfe_load(const float* p, long long i) { return p[i]; }
@@ -69,10 +69,12 @@ __device__ void kfe_hog_unit(const In* __restrict__ x, float* __restrict__ out, 
   const int TH = ncy * cell, TW = ncx * cell, tile = (TH + 2) * (TW + 2);
   const int y0 = cy0 * cell, x0 = cx0 * cell;
 
-  // Shared memory: [table (nbins-1)*4 | halo ch * tile_max | partial ch * (uh*cell) * uw * nbins].
+  // Shared memory: [table (nbins-1)*4 | halo ch * tile_max | partial ch * (uh*cell) * uw * nbins |
+  //                 hist ch * uh * uw * nbins].
   float* tbl = smem;
   float* halo = tbl + 4 * (nbins > 1 ? nbins - 1 : 1);
   float* part = halo + ch * (uh * cell + 2) * (uw * cell + 2);
+  float* hist = part + ch * uh * cell * uw * nbins;
   for (int i = threadIdx.x; i < 4 * (nbins - 1); i += blockDim.x) tbl[i] = table[i];
 
   for (int c0 = 0; c0 < C; c0 += ch) {
@@ -102,22 +104,24 @@ __device__ void kfe_hog_unit(const In* __restrict__ x, float* __restrict__ out, 
     }
     __syncthreads();
 
-    for (int i = threadIdx.x; i < nc * ncy * ncx; i += blockDim.x) {
-      const int cc = i / (ncy * ncx), a = (i / ncx) % ncy, q = i % ncx;
-      const float* rows = part + ((cc * TH + a * cell) * ncx + q) * nbins;  // row r at + r * ncx * nbins
+    const int cells = nc * ncy * ncx;  // (channel, cell row, cell column)
+    for (int i = threadIdx.x; i < cells * nbins; i += blockDim.x) {  // one thread per (channel, cell, bin)
+      const int cell_id = i / nbins, b = i % nbins;
+      const int cc = cell_id / (ncy * ncx), a = (cell_id / ncx) % ncy, q = cell_id % ncx;
+      const float* rows = part + ((cc * TH + a * cell) * ncx + q) * nbins + b;  // row r at + r * ncx * nbins
+      float s = 0.f;
+      for (int r = 0; r < cell; ++r) s += rows[r * ncx * nbins];
+      hist[i] = s;
+    }
+    __syncthreads();
+
+    for (int i = threadIdx.x; i < cells * nbins; i += blockDim.x) {  // L2 over the cell's bins, then store
+      const int cell_id = i / nbins, b = i % nbins;
+      const int cc = cell_id / (ncy * ncx), a = (cell_id / ncx) % ncy, q = cell_id % ncx;
+      const float* hc = hist + cell_id * nbins;
       float ss = 0.f;
-      for (int b = 0; b < nbins; ++b) {
-        float s = 0.f;
-        for (int r = 0; r < cell; ++r) s += rows[r * ncx * nbins + b];
-        ss += s * s;
-      }
-      const float denom = fmaxf(sqrtf(ss), 1e-12f);
-      float* o = out + out_base + (c0 + cc) * sC + a * sY + q * sX;
-      for (int b = 0; b < nbins; ++b) {
-        float s = 0.f;
-        for (int r = 0; r < cell; ++r) s += rows[r * ncx * nbins + b];
-        o[b * sBin] = s / denom;
-      }
+      for (int j = 0; j < nbins; ++j) ss += hc[j] * hc[j];
+      out[out_base + (c0 + cc) * sC + b * sBin + a * sY + q * sX] = hist[i] / fmaxf(sqrtf(ss), 1e-12f);
     }
     __syncthreads();  // the next channel chunk reuses halo and part
   }

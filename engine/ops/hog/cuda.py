@@ -18,7 +18,7 @@ _KERNELS = {torch.float32: ("kfe_hog_f32", 0), torch.float16: ("kfe_hog_f16", 1)
 def _channels_per_block(units: plan.Units, nbins: int) -> tuple[int, int]:
     """(channels per pass, dynamic shared memory bytes): as many channels as fit in 32 KiB, at most 4."""
     tile = (units.uh * units.cell + 2) * (units.uw * units.cell + 2)
-    partial = units.uh * units.cell * units.uw * nbins
+    partial = units.uh * units.cell * units.uw * nbins + units.uh * units.uw * nbins  # row + cell histograms
     table = 4 * max(nbins - 1, 1)
     ch = max(1, min(units.C, 4, (32 * 1024 // 4 - table) // (tile + partial)))
     return ch, 4 * (table + ch * (tile + partial))
