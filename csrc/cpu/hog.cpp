@@ -6,7 +6,8 @@
 // boundary per column (no scatter; histograms are differences of those nested sums), and each cell is
 // L2-normalised and written straight to its place in the output
 // (kfe::hog's (B, T, C, nbins, h, w), or the (tokens, D) rows of kfe::hog_targets). With a token
-// index (masked targets) the tasks are the listed tokens only: unlisted tokens cost nothing.
+// index (masked targets) the tasks are the listed tokens only (runs of neighbours in a token row share
+// a band): unlisted tokens cost nothing.
 //
 // Binning is atan2-free and exact for gradients with <= 12 significant bits (engine/ops/hog/plan.py):
 // fold (X, Y) = (gy, gx) into the upper half-plane, then bin = #{k : c_k*Y - s_k*X >= 0} with each
@@ -172,18 +173,25 @@ void hog_typed(const at::Tensor& x, const at::Tensor& table_t, const at::Tensor&
   const int64_t plane_size = g.H * g.W;
   auto plane_of = [&](int64_t f, int64_t c) { return xp + (((f / g.T) * g.C + c) * g.T + f % g.T) * plane_size; };
 
-  if (index != nullptr) {  // masked targets: one task per listed token, written to row k
+  if (index != nullptr) {  // masked targets: only the listed tokens, token index[k] written to row k
     const int64_t u = g.u, ntx = g.w / u, per_frame = (g.h / u) * ntx, D = g.C * g.nbins * u * u;
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> s(g, u * g.cell);
-      std::vector<acc_t> hist(u * g.nbins);
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t tok = index[k], f = tok / per_frame, ty = (tok % per_frame) / ntx, tx = tok % ntx;
+    // Runs of consecutive listed tokens in one token row share their bands (fewer, wider vector loops).
+    std::vector<int64_t> runs;  // first k of each run, then count
+    for (int64_t k = 0; k < count; ++k)
+      if (k == 0 || index[k] != index[k - 1] + 1 || index[k] % ntx == 0) runs.push_back(k);
+    runs.push_back(count);
+    at::parallel_for(0, static_cast<int64_t>(runs.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+      Scratch<acc_t> s(g, g.W);
+      std::vector<acc_t> hist(g.w * g.nbins);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t k0 = runs[r], n = runs[r + 1] - k0, tok = index[k0];
+        const int64_t f = tok / per_frame, ty = (tok % per_frame) / ntx, tx = tok % ntx;
         for (int64_t c = 0; c < g.C; ++c)
           for (int64_t iy = 0; iy < u; ++iy) {
-            band(plane_of(f, c), g, table, gk, ty * u + iy, tx * u, u, s, hist.data());
-            acc_t* row = op + k * D + c * g.nbins * u * u + iy * u;
-            normalise_and_store(hist.data(), u, g.nbins, [&](int64_t ix, int64_t b) { return row + b * u * u + ix; });
+            band(plane_of(f, c), g, table, gk, ty * u + iy, tx * u, n * u, s, hist.data());
+            acc_t* row = op + k0 * D + c * g.nbins * u * u + iy * u;  // cell j: token k0 + j/u, column j%u
+            normalise_and_store(hist.data(), n * u, g.nbins,
+                                [&](int64_t j, int64_t b) { return row + (j / u) * D + b * u * u + j % u; });
           }
       }
     });

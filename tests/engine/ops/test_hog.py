@@ -213,6 +213,8 @@ def test_masked_packing_order(backend):
         full = hog_targets(x)
         packed = hog_targets(x, mask=mask)
         none = hog_targets(x, mask=torch.zeros_like(mask))
+        every = hog_targets(x, mask=torch.ones_like(mask))  # one run of tokens across rows and frames
+    assert torch.equal(every, full.reshape(-1, 108))
     rows = sorted(picks)  # row-major (b, token) order, whatever order the mask was written in
     assert packed.shape == (len(rows), 108) and none.shape == (0, 108)
     for i, (b, l) in enumerate(rows):
