@@ -66,7 +66,7 @@ def launch(name: str, kernel: str, grid: Sequence[int], block: Sequence[int], ar
     import cupy
 
     index = torch.cuda.current_device() if device is None or device.index is None else device.index
-    fn = module(name, index).get_function(kernel)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
     with cupy.cuda.Device(index), stream:
+        fn = module(name, index).get_function(kernel)  # loaded on this device
         fn(tuple(grid), tuple(block), tuple(_arg(a) for a in args), shared_mem=shared_mem)
