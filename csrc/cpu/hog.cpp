@@ -9,7 +9,7 @@
 // index (masked targets) the tasks are the listed tokens only (runs of neighbours in a token row share
 // a band): unlisted tokens cost nothing.
 //
-// Binning is atan2-free and exact for gradients with <= 12 significant bits (engine/ops/hog/plan.py):
+// Binning is atan2-free and exact on every gradient of k/256 or 8-bit images (engine/ops/hog/plan.py):
 // fold (X, Y) = (gy, gx) into the upper half-plane, then bin = #{k : c_k*Y - s_k*X >= 0} with each
 // constant split into a 12-bit head and a tail (exact direction vectors for the rational boundaries). Math is float (double for double input). The band
 // kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time, since setup.py

@@ -7,17 +7,18 @@ theta_k = k*pi/nbins, k = 1..nbins-1, that P lies on or past:
 
     bin = #{k : cos(theta_k) * Y - sin(theta_k) * X >= 0}
 
-A float atan2 can put a pixel whose angle lies within rounding of a boundary on either side; the
-cross products above decide the side exactly for every gradient whose components have at most 12
-significant bits (any image of k/256 values or 8-bit pixels: Sobel sums of those are integers / 256
-below 2^11), because each constant is split into a 12-bit head and a tail, `c = c_hi + c_lo`, so the
-products c_hi * Y are exact and rounding only touches terms 2^-12 smaller than the smallest nonzero
-cross product such gradients can produce (3.1e-7 |P| for nbins = 9, tests/engine/ops/test_hog_bins.py).
+A float atan2 can put a pixel whose angle lies within rounding of a boundary on either side. Here the
+sign of each cross product survives rounding on every gradient of an image of k/256 values (or of
+8-bit pixels): their Sobel sums are integers / 256 of magnitude <= 1024, each constant is split into
+a 12-bit head and a tail, `c = c_hi + c_lo`, so the products c_hi * Y are exact and what rounding
+remains is ~2^-35 |P|, far below the smallest nonzero |cross product| such gradients have (3.1e-7 |P|
+for nbins = 9). tests/engine/ops/test_hog_bins.py checks all 4.2M of them, with and without FMA.
 The boundaries with a rational slope (pi/2, pi/4, 3pi/4; even nbins) use the exact directions (0, 1),
 (1, 1), (-1, 1) instead (only the direction matters), so gradients exactly on them give a cross
-product of exactly 0, fused multiply-adds or not, and land on the upper side as in the reference. The
-other boundaries have no exact ties, and there an FMA only moves the result by ~2^-36 |P|. For other inputs the fp32 kernels agree with a float64 reference except for pixels within ~1e-7
-of a boundary, as any fp32 evaluation would.
+product of exactly 0, fused multiply-adds or not, and land on the upper side as in the reference; the
+other boundaries have no exact ties. On arbitrary fp32 images the kernels agree with a float64
+reference except for pixels within ~1e-7 of a boundary (whose fp32 gradients already differ), as any
+fp32 evaluation would.
 
 Work units. A kernel program (Triton), task (C++) or block (CUDA) owns a rectangle of uh x uw cells of
 one frame, all channels, and writes its normalised histograms at
