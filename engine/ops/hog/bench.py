@@ -90,6 +90,36 @@ def cases(device: torch.device, sizes=None, dtypes=None) -> list[Case]:
     return out
 
 
+def _cpu_time_per_image(case_list: list[Case], providers, repeats: int = 3) -> list[dict]:
+    """CPU seconds per image on one thread (process time, min of repeats): the work each provider does,
+    which a busy shared machine distorts far less than wall-clock time."""
+    import time
+
+    threads, out = torch.get_num_threads(), []
+    print("\nCPU time per image, one thread (process time, min of %d):\n\n| shape | provider | CPU ms per image |"
+          "\n|---|---|---:|" % repeats)
+    torch.set_num_threads(1)
+    try:
+        for case in case_list:
+            inputs = case.make_inputs()
+            for name, fn in case.providers.items():
+                if name == "compiled-reference" or (providers and name not in providers and name != "reference"):
+                    continue
+                fn(*inputs)
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.process_time()
+                    fn(*inputs)
+                    best = min(best, time.process_time() - t0)
+                ms = 1e3 * best / inputs[0].shape[0]
+                print(f"| {case.shape} | {name} | {ms:.3f} |")
+                out.append({"op": case.op, "provider": name, "mode": "cpu_time_1_thread", "shape": case.shape,
+                            "dtype": "float32", "cpu_ms_per_image": ms})
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def run(args: argparse.Namespace, device: torch.device) -> int:
     """Time the forward of every provider; print the usual table plus images/s per provider."""
     from engine.bench import markdown, run as run_cases, write_json
@@ -112,6 +142,8 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         if "images_per_s" in r:
             print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['images_per_s']:.0f} | "
                   f"{1e3 / r['images_per_s']:.3f} |")
+    if cpu:
+        records += _cpu_time_per_image(cases(device, _parse_sizes(args.sizes), [torch.float32]), providers)
     if args.json:
         write_json(records, args.json)
         print(f"\nwrote {len(records)} records to {args.json}")

@@ -26,5 +26,9 @@ def test_cli_reports_images_per_second(tmp_path, capsys):
     assert rc == 0, out.out
     assert "no backward" in out.err and "images/s" in out.out
     records = json.loads(path.read_text())
-    assert {r["provider"] for r in records} == {"reference", "kfe", "skimage"}
-    assert all(r["mode"] == "fwd" and r["images_per_s"] > 0 and "error" not in r for r in records)
+    timed = [r for r in records if r["mode"] == "fwd"]
+    assert {r["provider"] for r in timed} == {"reference", "kfe", "skimage"}
+    assert all(r["images_per_s"] > 0 and "error" not in r for r in timed)
+    cpu_time = [r for r in records if r["mode"] == "cpu_time_1_thread"]  # the one-thread work table
+    assert {r["provider"] for r in cpu_time} == {"reference", "kfe", "skimage"}
+    assert all(r["cpu_ms_per_image"] > 0 for r in cpu_time) and len(records) == len(timed) + len(cpu_time)
