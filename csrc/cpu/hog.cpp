@@ -32,9 +32,10 @@ struct Geometry {
 
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> rows, weight, past, mag, X, Y;
+  std::vector<acc_t> rows, weight, past, mag, X, Y, sums;
   explicit Scratch(const Geometry& g, int64_t width)
-      : rows((g.cell + 2) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width), Y(width) {}
+      : rows((g.cell + 2) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width),
+        Y(width), sums(g.nbins * (width / g.cell)) {}
 };
 
 inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
@@ -98,15 +99,17 @@ inline __attribute__((always_inline)) void band_impl(const scalar_t* plane, cons
       }
     }
   }
-  for (int64_t cx = 0; cx < ncx; ++cx) {  // S_k per cell, then hist[b] = S_b - S_{b+1}
-    acc_t next = 0;
-    for (int64_t k = nbins - 1; k >= 0; --k) {
-      acc_t sk = 0;
-      for (int64_t i = cx * g.cell; i < (cx + 1) * g.cell; ++i) sk += past[k * width + i];
-      hist[cx * nbins + k] = sk - next;
-      next = sk;
+  acc_t* __restrict sums = s.sums.data();  // S_k per cell: sums[k * ncx + cx], cells as the vector lanes
+  std::fill(sums, sums + nbins * ncx, acc_t(0));
+  for (int64_t k = 0; k < nbins; ++k)
+    for (int64_t j = 0; j < g.cell; ++j) {
+      const acc_t* __restrict pk = past + k * width + j;
+      acc_t* __restrict sk = sums + k * ncx;
+      _Pragma("omp simd") for (int64_t cx = 0; cx < ncx; ++cx) sk[cx] += pk[cx * g.cell];
     }
-  }
+  for (int64_t cx = 0; cx < ncx; ++cx)  // hist[b] = S_b - S_{b+1}
+    for (int64_t k = 0; k < nbins; ++k)
+      hist[cx * nbins + k] = sums[k * ncx + cx] - (k + 1 < nbins ? sums[(k + 1) * ncx + cx] : acc_t(0));
 }
 
 #define KFE_HOG_BAND_ARGS                                                                                   \
