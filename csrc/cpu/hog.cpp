@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -164,6 +165,19 @@ void normalise_and_store(const acc_t* hist, int64_t ncx, int64_t nbins, OutFn ou
   }
 }
 
+// Runs body(task, scratch, hist) for task in [0, tasks) on at::parallel_for's threads, handing out tasks
+// from a shared counter rather than in fixed slices: on a busy machine (a data loader next to other
+// work) a thread that is descheduled holds up one task, not a whole slice of the batch.
+template <typename acc_t, typename Body>
+void dynamic_for(int64_t tasks, const Geometry& g, Body body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch<acc_t> s(g, g.W);
+    std::vector<acc_t> hist(g.w * g.nbins);
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) body(task, s, hist.data());
+  });
+}
+
 template <typename scalar_t>
 void hog_typed(const at::Tensor& x, const at::Tensor& table_t, const at::Tensor& gk_t, const int64_t* index,
                int64_t count, const Geometry& g, at::Tensor& out) {
@@ -183,40 +197,32 @@ void hog_typed(const at::Tensor& x, const at::Tensor& table_t, const at::Tensor&
     for (int64_t k = 0; k < count; ++k)
       if (k == 0 || index[k] != index[k - 1] + 1 || index[k] % ntx == 0) runs.push_back(k);
     runs.push_back(count);
-    at::parallel_for(0, static_cast<int64_t>(runs.size()) - 1, 1, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> s(g, g.W);
-      std::vector<acc_t> hist(g.w * g.nbins);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t k0 = runs[r], n = runs[r + 1] - k0, tok = index[k0];
-        const int64_t f = tok / per_frame, ty = (tok % per_frame) / ntx, tx = tok % ntx;
-        for (int64_t c = 0; c < g.C; ++c)
-          for (int64_t iy = 0; iy < u; ++iy) {
-            band(plane_of(f, c), g, table, gk, ty * u + iy, tx * u, n * u, s, hist.data());
-            acc_t* row = op + k0 * D + c * g.nbins * u * u + iy * u;  // cell j: token k0 + j/u, column j%u
-            normalise_and_store(hist.data(), n * u, g.nbins,
-                                [&](int64_t j, int64_t b) { return row + (j / u) * D + b * u * u + j % u; });
-          }
-      }
+    dynamic_for<acc_t>(static_cast<int64_t>(runs.size()) - 1, g, [&](int64_t r, Scratch<acc_t>& s, acc_t* hist) {
+      const int64_t k0 = runs[r], n = runs[r + 1] - k0, tok = index[k0];
+      const int64_t f = tok / per_frame, ty = (tok % per_frame) / ntx, tx = tok % ntx;
+      for (int64_t c = 0; c < g.C; ++c)
+        for (int64_t iy = 0; iy < u; ++iy) {
+          band(plane_of(f, c), g, table, gk, ty * u + iy, tx * u, n * u, s, hist);
+          acc_t* row = op + k0 * D + c * g.nbins * u * u + iy * u;  // cell j: token k0 + j/u, column j%u
+          normalise_and_store(hist, n * u, g.nbins,
+                              [&](int64_t j, int64_t b) { return row + (j / u) * D + b * u * u + j % u; });
+        }
     });
     return;
   }
   // Every cell: one task per (frame, cell row), full width.
-  at::parallel_for(0, g.B * g.T * g.h, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> s(g, g.W);
-    std::vector<acc_t> hist(g.w * g.nbins);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t f = task / g.h, cy = task % g.h;
-      for (int64_t c = 0; c < g.C; ++c) {
-        band(plane_of(f, c), g, table, gk, cy, 0, g.w, s, hist.data());
-        if (g.u == 0) {  // (B, T, C, nbins, h, w)
-          acc_t* base = op + ((f * g.C + c) * g.nbins * g.h + cy) * g.w;
-          normalise_and_store(hist.data(), g.w, g.nbins, [&](int64_t cx, int64_t b) { return base + b * g.h * g.w + cx; });
-        } else {  // tokens (B*T*Lf, D): token (f, cy/u, cx/u), entry (c, b, cy%u, cx%u)
-          const int64_t u = g.u, ntx = g.w / u, D = g.C * g.nbins * u * u;
-          acc_t* base = op + (f * (g.h / u) + cy / u) * ntx * D + c * g.nbins * u * u + (cy % u) * u;
-          normalise_and_store(hist.data(), g.w, g.nbins,
-                              [&](int64_t cx, int64_t b) { return base + (cx / u) * D + b * u * u + cx % u; });
-        }
+  dynamic_for<acc_t>(g.B * g.T * g.h, g, [&](int64_t task, Scratch<acc_t>& s, acc_t* hist) {
+    const int64_t f = task / g.h, cy = task % g.h;
+    for (int64_t c = 0; c < g.C; ++c) {
+      band(plane_of(f, c), g, table, gk, cy, 0, g.w, s, hist);
+      if (g.u == 0) {  // (B, T, C, nbins, h, w)
+        acc_t* base = op + ((f * g.C + c) * g.nbins * g.h + cy) * g.w;
+        normalise_and_store(hist, g.w, g.nbins, [&](int64_t cx, int64_t b) { return base + b * g.h * g.w + cx; });
+      } else {  // tokens (B*T*Lf, D): token (f, cy/u, cx/u), entry (c, b, cy%u, cx%u)
+        const int64_t u = g.u, ntx = g.w / u, D = g.C * g.nbins * u * u;
+        acc_t* base = op + (f * (g.h / u) + cy / u) * ntx * D + c * g.nbins * u * u + (cy % u) * u;
+        normalise_and_store(hist, g.w, g.nbins,
+                            [&](int64_t cx, int64_t b) { return base + (cx / u) * D + b * u * u + cx % u; });
       }
     }
   });
