@@ -14,6 +14,7 @@ def test_cases_count_one_read_and_one_write():
     assert masked.bytes == {"fwd": bench.MASK_RATIO * (image + targets)}
     assert {"reference", "compiled-reference", "kfe", "skimage"} <= set(full.providers)
     assert "skimage" not in masked.providers  # the peer has no notion of tokens
+    assert {"reference", "kfe"} <= set(masked.providers)
     x, mask = masked.make_inputs()
     assert x.shape == (2, 3, 32, 48) and mask.shape == (2, 6) and mask.dtype == torch.bool
 
