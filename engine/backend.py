@@ -13,9 +13,10 @@ thread-local on purpose: autograd runs CUDA backward passes on its own threads, 
 A forced backend that cannot run the inputs raises BackendUnavailable with its reasons; `auto`
 takes the first backend that can, and logs once when it passes over an installed fast path.
 
-Each op declares its backends with an `OpBackends` table (see engine/ops/grn/op.py). The heavy
-modules (Triton kernels, extension wrappers) are imported on first use, so importing the engine
-never imports triton, and TRITON_INTERPRET can still be set by the caller beforehand.
+Each op declares its backends with an `OpBackends` table (see engine/ops/grn/op.py). The kernel
+modules (Triton kernels, extension wrappers) are imported on first use. Importing the engine does
+import triton's package (torch.utils.flop_counter does, for the FLOP formulas), but no kernel is
+defined then, so TRITON_INTERPRET set after `import engine` still takes effect.
 """
 from __future__ import annotations
 

@@ -2,6 +2,11 @@
 
     kfe doctor                 versions, device, compiled extension, backends per op
     kfe bench grn              benchmark an op (see `kfe bench --list`)
+    kfe curate metaclip        MetaCLIP curation of a raw pool (--metadata M --pool P --out DIR)
+    kfe bench recipe supervised  training images/s and data-loader images/s of a recipe
+    kfe train supervised       train a recipe (kfe train --help; kfe train supervised --help)
+    kfe eval RUN_OR_CKPT       held-out top-1 (or --probe knn|linear) of a checkpoint
+    kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
 
 Run `kfe <command> --help` for the options of each command.
 """
@@ -11,6 +16,11 @@ import argparse
 import sys
 
 from engine import cli as engine_cli
+from engine.bench import register_suite
+from train.curation import cli as curation_cli
+
+register_suite("curate", "train.curation.bench")
+register_suite("recipe", "train.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,10 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     sub = parser.add_subparsers(dest="command", metavar="command")
     engine_cli.add_subcommands(sub)
+    curation_cli.add_subcommands(sub)
+    curation_cli.add_bench_arguments(sub.choices["bench"])
+    from train import cli_train
+
+    cli_train.add_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "eval"):  # free-form --key value overrides: parsed by train.config
+        from train import cli_train
+
+        return (cli_train.train_command if argv[0] == "train" else cli_train.eval_command)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

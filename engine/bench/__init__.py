@@ -7,7 +7,13 @@ registered by name in SUITES; models, recipes and curation add theirs with `regi
 from engine.bench.core import MODES, Case, run
 from engine.bench.report import markdown, write_json
 
-SUITES: dict[str, str] = {"grn": "engine.ops.grn.bench", "hog": "engine.ops.hog.bench"}
+SUITES: dict[str, str] = {
+    "grn": "engine.ops.grn.bench",
+    "attention": "engine.ops.attention.bench",
+    "contrastive": "engine.ops.contrastive.bench",
+    "sparse": "engine.ops.sparse_conv.bench",
+    "hog": "engine.ops.hog.bench",
+}
 
 
 def register_suite(name: str, module: str) -> None:

@@ -1,5 +1,8 @@
 """The engine's ops. Each family is a package: reference.py (the spec), fast paths, op.py (entry)."""
+from engine.ops.attention import attention
+from engine.ops.contrastive import contrastive_loss
 from engine.ops.grn import grn
 from engine.ops.hog import hog, hog_targets
+from engine.ops.sparse_conv import sparse_dwconv2d, sparse_dwconv2d_rows
 
-__all__ = ["grn", "hog", "hog_targets"]
+__all__ = ["attention", "contrastive_loss", "grn", "hog", "hog_targets", "sparse_dwconv2d", "sparse_dwconv2d_rows"]

@@ -1,0 +1,112 @@
+"""Sparse ConvNeXt V2 layers for FCMAE pre-training (arXiv 2301.00808, Sec. 3.1 and Fig. 5).
+
+The official sparse encoder runs the ConvNeXt V2 block on MinkowskiEngine; these layers run it on
+the gathered visible rows of engine.sparse instead. Parameter names match the official dense Block
+(dwconv, norm, pwconv1, act, grn, pwconv2, drop_path) and downsample layers (0 = LayerNorm,
+1 = Conv2d(k=2, s=2)), so one state dict serves the dense and the sparse model.
+
+Block on a stage's rows, equal at visible sites to engine.ops.sparse_conv.reference.masked_block:
+
+    h = sparse_dwconv2d_rows(x)                   submanifold 7x7 depthwise conv
+    h = GRN(GELU(Linear_4x(LayerNorm(h))))        GRN statistics over each sample's visible rows
+    y = x + drop_path(Linear(h))
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.nn.grn import GRN
+from engine.ops.sparse_conv import op as sparse_op
+from engine.sparse import SparseStage, SparseTensor
+
+
+def grn_rows(h: torch.Tensor, stage: SparseStage, grn: GRN) -> torch.Tensor:
+    """GRN of rows h (V, C) with statistics over each sample's rows (kfe::grn at visible sites).
+
+    FCMAE keeps the same number of patches in every sample, so the rows are an (N, V/N) grid and
+    kfe::grn's kernels run on them as they are. Otherwise (arbitrary masks) a segment sum does it.
+    """
+    N = stage.shape[0]
+    V, C = h.shape
+    P = stage.rows_per_sample
+    if P is not None:
+        return grn(h.view(N, P, 1, C)).view(V, C)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hf = h.to(acc)
+    sq = hf.new_zeros(N, C).index_add(0, stage.sample, hf * hf)       # (N, C) sum of squares per sample
+    pos = sq > 0
+    gx = torch.where(pos, torch.where(pos, sq, 1).sqrt(), 0)          # ||.||_2 with subgradient 0 at 0
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)               # (N, C)
+    gamma, beta = grn.gamma.reshape(C).to(acc), grn.beta.reshape(C).to(acc)
+    return (gamma * (hf * nx[stage.sample]) + beta + hf).to(h.dtype)
+
+
+class SparseDropPath(nn.Module):
+    """Stochastic depth per sample (timm's DropPath, scaled by 1/keep) on a stage's rows."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, h: torch.Tensor, stage: SparseStage) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return h
+        keep = 1.0 - self.p
+        alive = h.new_empty(stage.shape[0]).bernoulli_(keep) / keep   # (N,)
+        return h * alive[stage.sample][:, None]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class SparseConvNeXtV2Block(nn.Module):
+    """ConvNeXt V2 block on the visible rows of a stage: SparseTensor (V, dim) -> SparseTensor."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)  # weight (dim, 1, 7, 7)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = SparseDropPath(drop_path)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        stage = x.stage
+        k = self.dwconv.kernel_size[0]
+        if stage.kernel_size != k:
+            raise ValueError(f"the stage's neighbour table is {stage.kernel_size}x{stage.kernel_size}, the block's "
+                             f"dwconv is {k}x{k}; build the stage with kernel_size={k}")
+        # The stage built the table, so only shapes are checked (no pass over its values).
+        sparse_op.check_rows(x.feats, stage.neighbours, self.dwconv.weight, self.dwconv.bias, values=False)
+        h = sparse_op._rows(x.feats, stage.neighbours, self.dwconv.weight, self.dwconv.bias)  # (V, dim)
+        h = self.act(self.pwconv1(self.norm(h)))                                              # (V, 4 dim)
+        h = self.pwconv2(grn_rows(h, stage, self.grn))                                        # (V, dim)
+        return x.replace(x.feats + self.drop_path(h, stage))
+
+
+class SparseDownsample(nn.Sequential):
+    """ConvNeXt's downsample layer on rows: LayerNorm(in_dim) then Conv2d(in_dim, out_dim, 2, stride 2).
+
+    An output site is visible when any of its 4 inputs is; masked inputs count as zero (after the
+    norm). Keys 0.weight, 0.bias, 1.weight, 1.bias as the official `downsample_layers[i]`.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(nn.LayerNorm(in_dim, eps=1e-6), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+
+    def forward(self, x: SparseTensor, coarse: SparseStage | None = None) -> SparseTensor:
+        """x on a stage -> the next stage (x.stage.downsample(), built eagerly when not given)."""
+        coarse = x.stage.downsample() if coarse is None else coarse
+        if coarse.pool is None or coarse.shape[0] != x.stage.shape[0]:
+            raise ValueError("coarse must be the stage that x.stage.downsample() returns")
+        norm, conv = self[0], self[1]
+        C = x.feats.shape[1]
+        h = norm(x.feats)                                                    # (V, C)
+        h = torch.cat([h, h.new_zeros(1, C)])                                # row V: masked inputs are 0
+        taps = h[coarse.pool].reshape(-1, 4 * C)                             # (V', 4 C), taps (a, b) row-major
+        w = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * C)  # (C', C, 2, 2) -> (C', 2, 2, C)
+        return SparseTensor(F.linear(taps, w, conv.bias), coarse)

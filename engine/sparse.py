@@ -1,0 +1,155 @@
+"""Sparse stages for FCMAE's encoder (ConvNeXt V2, arXiv 2301.00808, Sec. 3.1): visible sites only.
+
+A masked image is, per sample, a set of visible sites. A *stage* (one resolution of the encoder)
+fixes that set once; every block of the stage then works on the gathered rows, never re-densifying:
+
+    feats       (V, C)      features of the V visible sites, ordered by (n, h, w)      SparseTensor
+    index       (V,)        their flat positions in the (N, H, W) grid                  SparseStage
+    sample      (V,)        sample id of each row; one sample's rows are contiguous,
+    offsets     (N + 1,)    rows offsets[n]:offsets[n + 1]
+    neighbours  (V, k*k)    int32 rows of each row's k x k window (taps row-major, as the depthwise
+                            weight (C, 1, k, k) flattens), -1 where masked or outside the image
+
+Pointwise layers (LayerNorm, Linear, GELU) act on feats directly; the depthwise conv gathers through
+`neighbours` (kfe::sparse_dwconv2d_rows: outputs only at visible sites, masked inputs count as zero);
+GRN reduces over each sample's rows. The table costs one gather over V*k*k and is shared by all blocks
+of a stage, forward and backward.
+
+Downsampling (ConvNeXt's LayerNorm + Conv2d(k=2, s=2)): an output site is visible when ANY of the 4
+sites of its 2x2 window is visible (as MinkowskiEngine's stride-2 convolution creates outputs);
+masked inputs count as zero. With FCMAE's patch-aligned masks (32 px patches: 8x8 blocks at stage 1
+of a 224 px input) a window is all-visible or all-masked, so this is the mask at the coarser
+resolution. Odd sizes drop the last row / column, as Conv2d(k=2, s=2) does.
+
+torch.compile: building a stage (`SparseStage.from_mask`, `downsample`) has data-dependent shapes
+(V = number of visible sites) and runs eagerly, outside the compiled region; build all stages up
+front with `build_stages`. Everything that consumes a stage (gather, blocks, downsample layers,
+to_dense) traces with fullgraph=True. A stage's Python fields (shape, kernel_size, rows_per_sample)
+are guarded on; FCMAE keeps V and rows_per_sample fixed from step to step, so nothing recompiles.
+Row indices are int32 in the table: V < 2**31.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.ops import _checks
+from engine.ops.sparse_conv import op as sparse_op
+
+
+@dataclass(frozen=True, eq=False)
+class SparseStage:
+    """The visible sites of one resolution and their neighbourhoods (see the module docstring)."""
+
+    mask: torch.Tensor            # (N, H, W) bool, True = visible
+    index: torch.Tensor           # (V,) int64 flat (n, h, w) position of each row
+    sample: torch.Tensor          # (V,) int64 sample of each row
+    offsets: torch.Tensor         # (N + 1,) int64 first row of each sample
+    neighbours: torch.Tensor      # (V, k*k) int32 rows of each row's window, -1 = none
+    kernel_size: int              # k of the neighbour table (7 in ConvNeXt)
+    rows_per_sample: int | None   # every sample has this many rows (> 0), else None
+    pool: torch.Tensor | None = None  # (V, 4) int64 rows of the finer stage in each 2x2 window
+    #                                   (taps row-major; masked -> V_fine, a zero row), for downsampling
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.mask.shape)
+
+    @property
+    def num_rows(self) -> int:
+        return self.index.shape[0]
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, kernel_size: int = 7) -> "SparseStage":
+        """The stage of a bool (N, H, W) mask, with a kernel_size x kernel_size neighbour table."""
+        _checks.tensor("mask", mask, ndim=3, dtypes=(torch.bool,), layout="(N, H, W)")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        return _build(mask.contiguous(), kernel_size)
+
+    def gather(self, x: torch.Tensor) -> "SparseTensor":
+        """Dense channels-last x (N, H, W, C) -> its visible rows (differentiable)."""
+        _checks.tensor("x", x, ndim=4, layout="channels-last (N, H, W, C)")
+        if tuple(x.shape[:3]) != self.shape:
+            raise ValueError(f"x must be (N, H, W, C) with (N, H, W) = {self.shape} (the mask's), "
+                             f"got {tuple(x.shape)}")
+        return SparseTensor(x.reshape(-1, x.shape[-1]).index_select(0, self.index), self)
+
+    def downsample(self) -> "SparseStage":
+        """The stage at half resolution: visible where any site of the 2x2 window is visible."""
+        N, H, W = self.shape
+        if H < 2 or W < 2:
+            raise ValueError(f"cannot downsample a stage of size {H}x{W} with a 2x2 window")
+        coarse = F.max_pool2d(self.mask[:, None].to(torch.uint8), 2)[:, 0].bool()  # (N, H/2, W/2)
+        stage = _build(coarse.contiguous(), self.kernel_size)
+        rank = _rank(self.mask, self.num_rows).long()                   # (N, H, W), masked -> V_fine
+        n, i, j = _coords(stage.index, coarse.shape[1], coarse.shape[2])
+        taps = [rank[n, 2 * i + a, 2 * j + b] for a in (0, 1) for b in (0, 1)]
+        return dataclasses.replace(stage, pool=torch.stack(taps, dim=1))  # (V_coarse, 4)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseTensor:
+    """Features of a stage's visible rows: feats (V, C), and the stage they live on."""
+
+    feats: torch.Tensor
+    stage: SparseStage
+
+    def replace(self, feats: torch.Tensor) -> "SparseTensor":
+        return SparseTensor(feats, self.stage)
+
+    def to_dense(self) -> torch.Tensor:
+        """(N, H, W, C), 0 at masked sites (differentiable)."""
+        N, H, W = self.stage.shape
+        C = self.feats.shape[-1]
+        out = self.feats.new_zeros(N * H * W, C).index_copy(0, self.stage.index, self.feats)
+        return out.view(N, H, W, C)
+
+
+def to_sparse(x: torch.Tensor, mask: torch.Tensor, kernel_size: int = 7) -> SparseTensor:
+    """Dense channels-last x (N, H, W, C) and its bool mask (N, H, W) -> a SparseTensor."""
+    return SparseStage.from_mask(mask, kernel_size).gather(x)
+
+
+def to_dense(x: SparseTensor) -> torch.Tensor:
+    return x.to_dense()
+
+
+def build_stages(mask: torch.Tensor, num_stages: int = 4, kernel_size: int = 7) -> list[SparseStage]:
+    """The stages of a ConvNeXt encoder from the stage-1 mask, each the downsampling of the previous."""
+    stages = [SparseStage.from_mask(mask, kernel_size)]
+    for _ in range(num_stages - 1):
+        stages.append(stages[-1].downsample())
+    return stages
+
+
+def _coords(index: torch.Tensor, H: int, W: int):
+    return index // (H * W), (index // W) % H, index % W
+
+
+def _rank(mask: torch.Tensor, fill: int) -> torch.Tensor:
+    """(N, H, W) int32: the row of each visible site (rows ordered by (n, h, w)); masked sites hold fill."""
+    flat = mask.reshape(-1)
+    return torch.where(flat, flat.cumsum(0, dtype=torch.int32) - 1, fill).view(mask.shape)
+
+
+def _build(mask: torch.Tensor, k: int) -> SparseStage:
+    N, H, W = mask.shape
+    index = mask.reshape(-1).nonzero().squeeze(1)                      # (V,) sorted: rows ordered by (n, h, w)
+    V = index.shape[0]
+    counts = mask.sum(dim=(1, 2))                                      # (N,)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    # Tap (i, j) of site (n, h, w) is rank[n, h + i, w + j] in the -1-padded rank map: a strided
+    # (N, H, W, k, k) window view of it, read at the visible sites, is the table (one gather).
+    p = k // 2
+    rank = F.pad(_rank(mask, -1), (p, p, p, p), value=-1)               # (N, H + 2p, W + 2p)
+    Hp, Wp = H + 2 * p, W + 2 * p
+    windows = rank.as_strided((N, H, W, k, k), (Hp * Wp, Wp, 1, Wp, 1))
+    neighbours = windows[mask].reshape(V, k * k)                       # (V, k*k) int32
+    sparse_op.mark_valid(neighbours)
+    per = counts.tolist()
+    uniform = per[0] if per and per[0] > 0 and all(c == per[0] for c in per) else None
+    return SparseStage(mask, index, index // (H * W), offsets, neighbours, k, uniform)

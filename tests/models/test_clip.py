@@ -1,0 +1,87 @@
+"""CLIP / SLIP towers: text-tower size, OpenAI/SLIP keys, causal text attention, EOT pooling, SimCLR."""
+import torch
+
+import models
+from models.clip import nt_xent
+
+
+def _tiny(name="clip_vit_small_patch16", **kw):
+    return models.create_model(name, img_size=32, vision=dict(depth=1), transformer_layers=1, vocab_size=50,
+                               context_length=12, transformer_width=32, transformer_heads=2, embed_dim=16, **kw)
+
+
+def test_text_tower_size_at_clip_settings():
+    with torch.device("meta"):
+        model = models.create_model("clip_vit_base_patch16")
+    text = sum(p.numel() for n, p in model.named_parameters()
+               if n.startswith(("transformer.", "token_embedding", "positional_embedding", "ln_final")))
+    assert text == 63_165_952  # 63.17M: width 512, 12 layers, 8 heads, context 77, vocab 49408
+    assert model.text_projection.shape == (512, 512) and model.image_projection.shape == (768, 512)
+
+
+def test_slip_keys():
+    with torch.device("meta"):
+        keys = models.create_model("slip_vit_small_patch16").state_dict().keys()
+    for k in ("visual.patch_embed.proj.weight", "visual.cls_token", "visual.pos_embed", "visual.blocks.0.attn.qkv.weight",
+              "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.11.mlp.c_proj.bias",
+              "token_embedding.weight", "positional_embedding", "ln_final.weight", "image_projection",
+              "text_projection", "contrastive.logit_scale", "image_mlp.layer1.weight", "image_mlp.bn2.running_var",
+              "image_mlp.layer3.weight"):
+        assert k in keys, k
+
+
+def test_text_is_causal_and_pooled_at_eot():
+    torch.manual_seed(0)
+    model = _tiny(eot_token_id=7).eval()
+    text = torch.tensor([[3, 4, 7, 0, 0], [5, 7, 1, 2, 3]])
+    changed = text.clone()
+    changed[:, 3:] = 9  # tokens after EOT cannot change a causal encoding pooled at EOT
+    torch.testing.assert_close(model.encode_text(text), model.encode_text(changed))
+    changed[0, 0] = 9  # a token before EOT does
+    assert not torch.allclose(model.encode_text(text)[0], model.encode_text(changed)[0])
+
+
+def test_forward_outputs_and_grads():
+    torch.manual_seed(0)
+    model = _tiny("slip_vit_small_patch16", ssl_mlp_dim=32, ssl_emb_dim=8)
+    img = torch.randn(4, 3, 32, 32)
+    out = model(img, torch.randint(0, 50, (4, 12)), img + 0.1 * torch.randn_like(img), img)
+    assert out["image_embed"].shape == out["text_embed"].shape == (4, 16)
+    torch.testing.assert_close(out["image_embed"].norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(out["logit_scale"], torch.tensor(1 / 0.07))
+    loss = (out["image_embed"] * out["text_embed"]).sum() + nt_xent(out["aug1_embed"], out["aug2_embed"])
+    loss.backward()
+    assert model.token_embedding.weight.grad.abs().sum() > 0 and model.image_mlp.layer1.weight.grad.abs().sum() > 0
+
+
+def test_nt_xent_matches_definition():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=-1)
+    sim = (z @ z.t() / 0.1).double()
+    losses = []
+    for i in range(10):
+        pos = (i + 5) % 10
+        others = torch.cat([sim[i, :i], sim[i, i + 1:]])
+        losses.append(-(sim[i, pos] - torch.logsumexp(others, 0)))
+    torch.testing.assert_close(nt_xent(z1, z2).double(), torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph():
+    model = _tiny().eval()
+    img, text = torch.randn(2, 3, 32, 32), torch.randint(0, 50, (2, 12))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(img, text)["text_embed"], model(img, text)["text_embed"])
+
+
+def test_slip_checkpoint_logit_scale_loads_and_loss_runs():
+    model = _tiny()
+    state = dict(model.state_dict())
+    state["logit_scale"] = torch.tensor(2.5)  # SLIP's key
+    del state["contrastive.logit_scale"]
+    model.load_state_dict(state)
+    assert model.contrastive.logit_scale.item() == 2.5
+    img, text = torch.randn(3, 3, 32, 32), torch.randint(0, 50, (3, 12))
+    loss = model.clip_loss(model(img, text))
+    loss.backward()
+    assert loss.ndim == 0 and model.contrastive.logit_scale.grad is not None

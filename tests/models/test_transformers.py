@@ -1,0 +1,130 @@
+"""ViT, MAE (+ long-sequence mask units) and DiT: parameter counts, MACs, keys, masking, training steps."""
+import pytest
+import torch
+
+import models
+from models.mae import patchify, random_masking, unpatchify
+from models.pos_embed import sincos_2d
+
+
+def _meta(name, **kw):
+    with torch.device("meta"):
+        return models.create_model(name, **kw)
+
+
+@pytest.mark.parametrize("name, trainable", [("vit_base_patch16", 85_647_360), ("vit_large_patch16", 303_099_904),
+                                             ("vit_huge_patch14", 630_435_840)])
+def test_vit_encoder_parameters_without_head(name, trainable):
+    model = _meta(name, num_classes=0)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+@pytest.mark.parametrize("name, total", [("dit_s_2", 32_963_360), ("dit_b_2", 130_512_416),
+                                         ("dit_l_2", 458_102_816), ("dit_xl_2", 675_129_632)])
+def test_dit_parameters_including_frozen_positions(name, total):
+    assert sum(p.numel() for p in _meta(name).parameters()) == total
+
+
+@pytest.mark.parametrize("name, gmacs", [("dit_xl_2", 118.6), ("dit_xl_4", 29.0), ("dit_b_2", 23.0), ("dit_s_8", 0.36)])
+def test_dit_macs_at_256px(name, gmacs):
+    x = torch.zeros(1, 4, 32, 32, device="meta")
+    t, y = torch.zeros(1, device="meta"), torch.zeros(1, dtype=torch.long, device="meta")
+    assert models.count_flops(_meta(name), inputs=(x, t, y)) / 1e9 == pytest.approx(gmacs, rel=0.01)
+
+
+def test_vit_keys_match_timm_and_mae():
+    keys = _meta("vit_base_patch16").state_dict().keys()
+    for k in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
+              "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight", "blocks.11.mlp.fc1.weight",
+              "blocks.11.mlp.fc2.bias", "norm.weight", "head.weight"):
+        assert k in keys, k
+    mae = _meta("mae_vit_base").state_dict().keys()
+    for k in ("decoder_embed.weight", "mask_token", "decoder_pos_embed", "decoder_blocks.7.attn.qkv.weight",
+              "decoder_norm.weight", "decoder_pred.weight", "blocks.0.attn.qkv.weight"):
+        assert k in mae, k
+    assert not any(k.startswith("head") for k in mae)
+
+
+def test_sincos_matches_mae_layout():
+    emb = sincos_2d(8, 3, cls_token=True)  # (1 + 9, 8)
+    assert emb.shape == (10, 8) and (emb[0] == 0).all()
+    # first half encodes the column: patches in one column share it, patches in one row share the second half
+    assert torch.equal(emb[1, :4], emb[4, :4]) and not torch.equal(emb[1, :4], emb[2, :4])
+    assert torch.equal(emb[1, 4:], emb[2, 4:]) and not torch.equal(emb[1, 4:], emb[4, 4:])
+    assert torch.allclose(emb[1], torch.tensor([0.0, 0.0, 1.0, 1.0] * 2))  # position (0, 0): sin 0, cos 0
+
+
+def _tiny_mae(**kw):
+    return models.create_model("mae_vit_base", img_size=64, embed_dim=32, depth=1, num_heads=2,
+                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **kw)
+
+
+def test_mae_encoder_sees_exactly_the_kept_tokens():
+    torch.manual_seed(0)
+    model = _tiny_mae()
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    loss, pred, mask = model(torch.randn(3, 3, 64, 64), mask_ratio=0.75)
+    assert seen == [(3, 1 + 4, 32)]  # 16 patches, 4 kept, plus cls
+    assert pred.shape == (3, 16, 16 * 16 * 3) and torch.equal(mask.sum(1), torch.full((3,), 12.0))
+    loss.backward()
+    assert model.mask_token.grad is not None and model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_mae_loss_is_on_removed_patches_only():
+    torch.manual_seed(0)
+    model = _tiny_mae(norm_pix_loss=False)
+    imgs = torch.randn(2, 3, 64, 64)
+    loss, pred, mask = model(imgs)
+    target = patchify(imgs, 16)
+    per_patch = ((pred - target) ** 2).mean(-1)
+    torch.testing.assert_close(loss, per_patch[mask.bool()].mean())
+    torch.testing.assert_close(unpatchify(target, 16, (4, 4)), imgs)
+
+
+@pytest.mark.parametrize("unit", [1, 2])
+def test_masking_keeps_whole_units(unit):
+    gen = torch.Generator().manual_seed(1)
+    ids_keep, mask, ids_restore = random_masking(4, (8, 8), 0.75, unit, generator=gen)
+    assert ids_keep.shape == (4, 16) and torch.equal(mask.sum(1), torch.full((4,), 48.0))
+    units = mask.reshape(4, 8 // unit, unit, 8 // unit, unit).permute(0, 1, 3, 2, 4).reshape(4, -1, unit * unit)
+    assert ((units.sum(-1) == 0) | (units.sum(-1) == unit * unit)).all()  # every unit kept or removed whole
+    kept = torch.zeros(4, 64).scatter_(1, ids_keep, 1.0)
+    assert torch.equal(kept, 1 - mask)
+
+
+def test_long_sequence_mae_mask_unit():
+    model = models.create_model("mae_vit_base", img_size=128, embed_dim=32, depth=1, num_heads=2,
+                                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_unit=32)
+    loss, _, mask = model(torch.randn(2, 3, 128, 128))
+    grid = mask.reshape(2, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(2, 16, 4)
+    assert ((grid.sum(-1) == 0) | (grid.sum(-1) == 4)).all() and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        models.create_model("mae_vit_base", img_size=128, mask_unit=24)
+
+
+def test_dit_starts_as_zero_and_cfg_halves_agree():
+    torch.manual_seed(0)
+    model = models.create_model("dit_s_8", input_size=16, num_classes=10)
+    x, t, y = torch.randn(4, 4, 16, 16), torch.randint(0, 1000, (4,)), torch.tensor([1, 2, 10, 10])
+    assert (model(x, t, y) == 0).all()  # adaLN-Zero + zero final layer
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    out = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
+    assert out.shape == (4, 8, 16, 16)
+    torch.testing.assert_close(out[:2, :3], out[2:, :3])  # guided eps is shared by both halves
+    model.train()
+    loss = model(x, t, y).square().mean()
+    loss.backward()
+    assert model.y_embedder.embedding_table.weight.shape == (11, 384)  # + the null class
+
+
+def test_vit_train_step_and_compile():
+    torch.manual_seed(0)
+    model = models.create_model("vit_small_patch16", img_size=32, num_classes=3, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 2])).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert model.pos_embed.grad is None  # MAE's fixed sin-cos table
+    compiled = torch.compile(model.eval(), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,147 @@
+"""`kfe train`, `kfe eval`, `kfe export` and the `kfe bench recipe NAME` argument split."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: kfe train RECIPE [--config FILE.toml] [--preset NAME] [--key value ...]
+
+Train a recipe. Config = the recipe's dataclass defaults (the paper's) -> the preset -> the TOML file
+-> --key value overrides (nested keys with dots: --shapes.label color). `kfe train RECIPE --help`
+lists every key with its type and default. The resolved config is printed and saved as
+<out>/config.toml; metrics go to <out>/metrics.jsonl; checkpoints to <out>/ckpt-<step>.pt.
+
+  CPU smoke run (built-in data):   kfe train supervised --data shapes
+  one GPU:                         kfe train supervised --data /data/imagenet --preset paper
+  many GPUs / nodes (torchrun):    torchrun --nproc_per_node=8 -m train.cli train supervised --data /data/imagenet
+                                   (--batch_size is the global batch, split over processes x accum_steps)
+  resume after a crash or kill:    kfe train supervised --data shapes --resume auto
+
+recipes:
+"""
+
+
+def _recipes() -> dict:
+    from train.recipes import RECIPES
+
+    return RECIPES
+
+
+def print_recipe_help(name: str) -> None:
+    from train import config as config_mod
+
+    recipe = _recipes()[name]
+    print(f"usage: kfe train {name} [--config FILE.toml] [--preset NAME] [--key value ...]\n\n{recipe.help}\n")
+    print("presets: paper (the defaults below)" + "".join(
+        f"; {p} ({', '.join(f'{k}={v}' for k, v in m.items())})" for p, m in recipe.presets.items()))
+    print("  --preset auto (default) picks 'shapes' when --data is shapes.\n\nkeys (type, default):")
+    from train.recipes.base import TrainConfig
+
+    shared = set(config_mod.keys(TrainConfig))
+    flat = config_mod.keys(recipe.config)
+    groups = (("recipe", [k for k in flat if k not in shared]), ("shared", [k for k in flat if k in shared]))
+    for title, names in groups:
+        print(f"  [{title}]")
+        for k in names:
+            tp, default, text = flat[k]
+            print(f"  --{k:<22} {config_mod.type_name(tp):<16} {default!r:<14} {text}")
+
+
+def _pop(argv: list[str], flag: str) -> str | None:
+    for i, tok in enumerate(argv):
+        if tok == flag:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"kfe train: {flag} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if tok.startswith(flag + "="):
+            del argv[i]
+            return tok.split("=", 1)[1]
+    return None
+
+
+def train_command(argv: list[str]) -> int:
+    from train.config import ConfigError
+    from train.data import DataError
+
+    recipes = _recipes()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "".join(f"  {n:<12} {r.help}\n" for n, r in sorted(recipes.items())))
+        return 0 if argv else 2
+    name, rest = argv[0], list(argv[1:])
+    if name not in recipes:
+        print(f"kfe train: unknown recipe {name!r}; available: {', '.join(sorted(recipes))}", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        print_recipe_help(name)
+        return 0
+    from train.run import resolve_config, train
+
+    try:
+        config_file, preset = _pop(rest, "--config"), _pop(rest, "--preset") or "auto"
+        cfg, preset = resolve_config(name, config_file, preset, rest)
+        train(name, cfg, preset)
+    except (ConfigError, DataError) as err:
+        print(f"kfe train {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a ckpt-*.pt file")
+    p.add_argument("--probe", choices=["top1", "knn", "linear"], default="top1")
+    p.add_argument("--probe_samples", type=int, default=5000, help="training images for knn / linear")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    return p
+
+
+EVAL_HELP = ("Held-out top-1 of a run's newest checkpoint (or a file), or a k-NN / linear probe on the "
+             "recipe's features. Other --key value pairs override the saved config (e.g. --val_data DIR "
+             "--device cpu --num_workers 0).")
+
+
+def eval_command(argv: list[str]) -> int:
+    """`kfe eval CKPT [--probe ...] [--key value ...]`: unknown options are config overrides."""
+    from train.config import ConfigError
+    from train.data import DataError
+    from train.run import evaluate_checkpoint
+
+    parser = _eval_arguments(argparse.ArgumentParser(prog="kfe eval", description=EVAL_HELP))
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        evaluate_checkpoint(args.checkpoint, args.probe, args.ema, overrides, args.probe_samples)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"kfe eval: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from train.run import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out, args.ema)
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """`kfe bench recipe NAME ...`: the names after `recipe` are recipes, not suites."""
+    from engine import cli as engine_cli
+
+    if args.suites[:1] == ["recipe"]:
+        args.recipes, args.suites = args.suites[1:], ["recipe"]
+    return engine_cli.bench(args)
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("train", help="train a recipe (kfe train --help)", add_help=False)
+    _eval_arguments(sub.add_parser("eval", help="evaluate a checkpoint on the held-out split",
+                                   description=EVAL_HELP))
+    p = sub.add_parser("export", help="write a checkpoint's weights as a plain state dict (official keys)")
+    p.add_argument("checkpoint", help="a run directory (newest checkpoint) or a ckpt-*.pt file")
+    p.add_argument("out", help="output .pt (torch.save of the state dict) or .safetensors")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.set_defaults(func=export_command)
+    sub.choices["bench"].set_defaults(func=bench_command)
+    sub.choices["bench"].description += (" `kfe bench recipe NAME` times a training recipe: training and "
+                                         "data-loader images/s.")

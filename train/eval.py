@@ -1,0 +1,116 @@
+"""Held-out evaluation helpers shared by the recipes: top-1, features, k-NN and linear-probe accuracy.
+
+- top-1: argmax of a classifier over the held-out split (each rank its share, counts all-reduced).
+  `chance` is the majority-class rate of the held-out labels (1 / classes when balanced): the
+  accuracy a constant guess gets, printed next to every accuracy.
+- k-NN (Wu et al. 2018; DINO's protocol): cosine similarity of L2-normalised features, the k nearest
+  training features vote with weight exp(sim / T); k = 20, T = 0.07.
+- Linear probe (MAE, Sec. 4 / Appendix A.2): a linear classifier on frozen features, standardised by
+  the training-feature mean and std (MAE's affine-free BatchNorm), trained with AdamW + cosine.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from train import dist as dist_mod
+from train.dist import DistInfo
+
+
+def _label_hist(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(labels[labels >= 0].cpu(), minlength=num_classes)[:num_classes].double()
+
+
+@torch.no_grad()
+def top1(classify: Callable[[dict], torch.Tensor], batches: Iterable[dict], prepare: Callable[[dict], dict],
+         info: DistInfo, num_classes: int) -> dict:
+    """{"top1", "chance", "n"} of `classify(batch) -> logits` over all ranks' shares of the held-out data."""
+    correct, hist = torch.zeros((), dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
+    for batch in batches:
+        batch = prepare(batch)
+        pred = classify(batch).float().argmax(-1)
+        correct += (pred == batch["label"]).sum().double().cpu()
+        hist += _label_hist(batch["label"], num_classes)
+    sums = torch.cat([correct.view(1), hist]).to(info.device)
+    dist_mod.all_reduce_sum(sums, info)
+    sums = sums.cpu()
+    n = float(sums[1:].sum())
+    if n == 0:
+        raise ValueError("the held-out split yielded no labelled samples")
+    return {"top1": float(sums[0]) / n, "chance": float(sums[1:].max()) / n, "n": int(n)}
+
+
+@torch.no_grad()
+def features(embed: Callable[[dict], torch.Tensor], batches: Iterable[dict], prepare: Callable[[dict], dict],
+             info: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32, labels (N,)) of every rank's batches, gathered on every rank (CPU)."""
+    feats, labels = [], []
+    for batch in batches:
+        batch = prepare(batch)
+        feats.append(embed(batch).float().cpu())
+        labels.append(batch["label"].cpu())
+    local = (torch.cat(feats) if feats else torch.zeros(0, 0), torch.cat(labels) if labels else
+             torch.zeros(0, dtype=torch.long))
+    parts = dist_mod.all_gather_objects(local, info)
+    parts = [p for p in parts if p[0].numel()]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def chance(labels: torch.Tensor, num_classes: int) -> float:
+    hist = _label_hist(labels, num_classes)
+    return float(hist.max() / hist.sum())
+
+
+@torch.no_grad()
+def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+             num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted k-NN accuracy on L2-normalised features (cosine similarity)."""
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ValueError("knn_top1 needs non-empty train and test features")
+    k = min(k, train_x.shape[0])
+    train_x, test_x = F.normalize(train_x.float(), dim=1), F.normalize(test_x.float(), dim=1)
+    correct = 0
+    for i in range(0, test_x.shape[0], chunk):
+        sim = test_x[i:i + chunk] @ train_x.T                     # (c, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)                      # (c, k)
+        votes = torch.zeros(sim.shape[0], num_classes)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
+        correct += int((votes.argmax(1) == test_y[i:i + chunk]).sum())
+    return correct / test_x.shape[0]
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, epochs: int = 100, lr: float = 1e-2, weight_decay: float = 0.0,
+                 batch: int = 1024, seed: int = 0) -> float:
+    """Top-1 of a linear classifier trained on frozen, standardised features (deterministic by seed)."""
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ValueError("linear_probe needs non-empty train and test features")
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    xtr, xte = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(xtr.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=gen)
+        head.bias.zero_()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(xtr.shape[0] / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(xtr.shape[0], generator=gen)
+            for i in range(0, xtr.shape[0], batch):
+                idx = perm[i:i + batch]
+                loss = F.cross_entropy(head(xtr[idx]), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    with torch.no_grad():
+        return float((head(xte).argmax(1) == test_y).float().mean())
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
