@@ -139,6 +139,20 @@ def test_nothing_leaks_from_removed_patches():
     assert not torch.isclose(loss_a, loss_b)                                # ...but they are the targets
 
 
+def test_decoder_sees_mask_tokens_exactly_at_removed_patches():
+    model = _tiny(torch.float64)
+    imgs = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1]], dtype=torch.float64)
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    model(imgs, mask=mask)
+    _, stages = model.make_mask_and_stages(imgs, mask)
+    latent = model.proj(model.encoder(imgs, stages).permute(0, 3, 1, 2))       # (N, D, 2, 3)
+    x, removed = seen[0], mask.bool().view(2, 1, 2, 3).expand_as(seen[0])
+    torch.testing.assert_close(x[removed], model.mask_token.expand_as(x)[removed], rtol=0, atol=0)
+    torch.testing.assert_close(x[~removed], latent[~removed], rtol=0, atol=0)
+
+
 # ---- masking ----
 
 @pytest.mark.parametrize("grid, ratio", [((7, 7), 0.6), ((3, 3), 0.6), ((2, 2), 0.6), ((4, 5), 0.75),

@@ -30,14 +30,17 @@ def _curve(out):
 def test_loss_falls_eval_and_export(tmp_path, capsys):
     # 16 images seen again every step (shapes.size = batch): the reconstruction loss must fall fast.
     cfg, summary = _train(tmp_path / "run", "--steps", "30", "--shapes.size", "16", "--lr", "5e-3",
-                          "--knn_baseline", "true")
+                          "--init_baseline", "true")
     losses = [r["loss"] for r in metrics(cfg.out)]
     assert len(losses) == 30 and sum(losses[-10:]) / 10 < 0.88 * sum(losses[:3]) / 3, losses  # 1.0 -> ~0.83
     ev = summary["eval"]
-    assert set(ev) == {"val_loss", "knn_top1", "knn_init_top1", "chance", "n", "train_n"}
-    assert ev["n"] == 64 and ev["train_n"] == 16 and 0 < ev["chance"] < 1 and 0 <= ev["knn_init_top1"] <= 1
+    assert set(ev) == {"val_loss", "knn_top1", "linear_top1", "chance", "n", "train_n", "init_val_loss",
+                       "init_knn_top1", "init_linear_top1"}
+    assert ev["n"] == 64 and ev["train_n"] == 16 and 0 < ev["chance"] < 1
+    assert ev["val_loss"] < 0.95 * ev["init_val_loss"]                      # held-out reconstruction improved
     out = capsys.readouterr().out
-    assert "held-out k-NN top-1" in out and "(encoder at init " in out and "(chance " in out
+    assert "held-out masked-patch loss" in out and "k-NN top-1" in out and "linear probe" in out
+    assert "(init " in out and "| chance " in out
     assert metrics(cfg.out)[-1]["tflops"] > 0                               # flops_per_sample is set
 
     sd = export_checkpoint(cfg.out, str(tmp_path / "w.pt"))                 # the official (Minkowski) layout

@@ -37,7 +37,7 @@ from train.config import opt
 from train.data import DataError, eval_batches
 from train.dist import DistInfo
 from train.eval import chance as chance_of
-from train.eval import features, knn_top1, percent
+from train.eval import features, knn_top1, linear_probe, percent
 from train.recipes.base import Data, Recipe, Task, TrainConfig, register
 
 
@@ -51,7 +51,7 @@ class FCMAEConfig(TrainConfig):
     decoder_depth: int = opt(1, "decoder ConvNeXt V2 blocks")
     drop_path: float = opt(0.0, "stochastic depth of the encoder (0 in FCMAE pre-training)")
     probe_samples: int = opt(5000, "training images whose features the k-NN evaluation uses (labelled data)")
-    knn_baseline: bool = opt(False, "also report the k-NN top-1 of the encoder at its initialisation")
+    init_baseline: bool = opt(False, "also evaluate the model at its initialisation (once; a copy is kept)")
     # Table 11 / main_pretrain.py
     resolution: int = opt(224, "image side in pixels (a multiple of the 32 px patch)")
     crop_min_scale: float = opt(0.2, "RandomResizedCrop minimum area fraction")
@@ -67,8 +67,8 @@ PRESETS = {
     "shapes": {
         "model": "fcmae_convnextv2_atto", "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]},
         "decoder_embed_dim": 128, "resolution": 96, "batch_size": 64, "steps": 800, "warmup_steps": 40,
-        "blr": 1.5e-3, "min_lr": 1e-5, "num_workers": 1, "log_every": 25, "eval_every": 400, "ckpt_every": 400,
-        "eval_batch_size": 250, "probe_samples": 2000, "knn_baseline": True, "shapes": {"val_size": 1000},
+        "blr": 6e-3, "min_lr": 1e-5, "num_workers": 1, "log_every": 25, "eval_every": 400, "ckpt_every": 400,
+        "eval_batch_size": 250, "probe_samples": 2000, "init_baseline": True, "shapes": {"val_size": 1000},
     },
 }
 
@@ -103,7 +103,7 @@ def build_model(cfg: FCMAEConfig, device: str | torch.device | None = None):
 
 def build_task(cfg: FCMAEConfig, data: Data, info: DistInfo) -> Task:
     model = build_model(cfg)
-    initial = copy.deepcopy(model.encoder).eval() if cfg.knn_baseline and data.class_names else None
+    initial = copy.deepcopy(model).eval() if cfg.init_baseline else None  # the same weights as step 0
     baseline: dict = {}
 
     def loss(net, batch, step):
@@ -113,7 +113,7 @@ def build_task(cfg: FCMAEConfig, data: Data, info: DistInfo) -> Task:
     def embed(module, batch):
         return module.forward_features(batch["image"])
 
-    def held_out_loss(module, prepare) -> dict:
+    def held_out_loss(module, prepare) -> float:
         gen = torch.Generator().manual_seed(cfg.seed + 1000 * info.rank)  # the same masks at every evaluation
         total = torch.zeros(2, dtype=torch.float64, device=info.device)
         for batch in eval_batches(data.val.dataset, cfg.eval_batch_size, info.rank, info.world, limit=cfg.probe_samples):
@@ -122,45 +122,53 @@ def build_task(cfg: FCMAEConfig, data: Data, info: DistInfo) -> Task:
             value, _, _ = module(imgs, mask=mask)
             total += torch.stack([value.double() * mask.sum(), mask.sum().double()])
         dist_mod.all_reduce_sum(total, info)
-        return {"val_loss": float(total[0] / total[1].clamp_min(1))}
+        return float(total[0] / total[1].clamp_min(1))
 
-    def knn(encoder_features, prepare) -> dict:
+    def probes(module, prepare) -> dict:
+        """k-NN and linear-probe top-1 of the pooled features: `probe_samples` training images vs held-out."""
         n_cls = len(data.class_names)
         tr = data_mod.open_eval(cfg.data, resolution=cfg.resolution, fields=FIELDS, seed=cfg.seed, rank=info.rank,
                                 world=info.world, shapes=cfg.shapes, split="train")
         kw = dict(batch=cfg.eval_batch_size, rank=info.rank, world=info.world)
-        xtr, ytr = features(encoder_features, eval_batches(tr.dataset, limit=cfg.probe_samples, **kw), prepare, info)
-        xte, yte = features(encoder_features, eval_batches(data.val.dataset, **kw), prepare, info)
-        return {"knn_top1": knn_top1(xtr, ytr, xte, yte, n_cls), "chance": chance_of(yte, n_cls),
-                "n": int(yte.numel()), "train_n": int(ytr.numel())}
+        xtr, ytr = features(lambda b: embed(module, b), eval_batches(tr.dataset, limit=cfg.probe_samples, **kw),
+                            prepare, info)
+        xte, yte = features(lambda b: embed(module, b), eval_batches(data.val.dataset, **kw), prepare, info)
+        return {"knn_top1": knn_top1(xtr, ytr, xte, yte, n_cls),
+                "linear_top1": linear_probe(xtr, ytr, xte, yte, n_cls, seed=cfg.seed),
+                "chance": chance_of(yte, n_cls), "n": int(yte.numel()), "train_n": int(ytr.numel())}
+
+    def measure(module, prepare) -> dict:
+        out = {"val_loss": held_out_loss(module, prepare)}
+        if data.class_names:
+            out.update(probes(module, prepare))
+        return out
 
     def evaluate(module, prepare):
         if data.val is None:
             return {}
         devices = [info.device] if info.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # evaluation never shifts the training random stream
-            out = held_out_loss(module, prepare)
-            if data.class_names:
-                out.update(knn(lambda b: module.forward_features(b["image"]), prepare))
-                if initial is not None:
-                    if not baseline:
-                        init = initial.to(info.device)
-                        baseline["knn_init_top1"] = knn(lambda b: init.forward_features(b["image"]), prepare)["knn_top1"]
-                    out.update(baseline)
+            out = measure(module, prepare)
+            if initial is not None:
+                if not baseline:
+                    init = measure(initial.to(info.device), prepare)
+                    baseline.update({f"init_{k}": init[k] for k in ("val_loss", "knn_top1", "linear_top1") if k in init})
+                out.update(baseline)
         return out
 
-    res = cfg.resolution
     return Task(model=model, loss=loss, evaluate=evaluate, embed=embed,
-                flops_per_sample=6.0 * macs(model, res), channels_last=True, describe=describe)
+                flops_per_sample=6.0 * macs(model, cfg.resolution), channels_last=True, describe=describe)
 
 
 def describe(m: dict) -> str:
-    line = f"held-out masked-patch loss {m['val_loss']:.4f}"
+    def at_init(key, fmt):
+        return f" (init {fmt(m['init_' + key])})" if "init_" + key in m else ""
+
+    line = f"held-out masked-patch loss {m['val_loss']:.4f}{at_init('val_loss', lambda v: f'{v:.4f}')}"
     if "knn_top1" in m:
-        line += f" | held-out k-NN top-1 {percent(m['knn_top1'])}"
-        if "knn_init_top1" in m:
-            line += f" (encoder at init {percent(m['knn_init_top1'])})"
-        line += f" (chance {percent(m['chance'])}, {m['n']} images, {m['train_n']} training features)"
+        line += (f" | k-NN top-1 {percent(m['knn_top1'])}{at_init('knn_top1', percent)}"
+                 f" | linear probe {percent(m['linear_top1'])}{at_init('linear_top1', percent)}"
+                 f" | chance {percent(m['chance'])} ({m['n']} held-out, {m['train_n']} training images)")
     return line
 
 
