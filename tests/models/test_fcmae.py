@@ -298,3 +298,27 @@ def test_bench_providers_agree_and_run(monkeypatch):
     records = core.run([case], ["fwd+bwd"], warmup=0, repeats=1, providers=["kfe-sparse"])
     assert {r["provider"] for r in records} == {"reference", "kfe-sparse"}
     assert all("error" not in r and r["tflops"] > 0 for r in records), records
+
+
+# ---- GPU (skipped here) ----
+
+@pytest.mark.gpu
+def test_gpu_sparse_encoder_matches_dense_masked_and_trains_in_bf16(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = models.create_model("fcmae_convnextv2_atto").cuda()
+    for p in model.parameters():  # GRN away from its zero init
+        if p.dim() == 4 and p.shape[:3] == (1, 1, 1):
+            torch.nn.init.normal_(p, std=0.5)
+    imgs = torch.randn(16, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    mask, stages = model.make_mask_and_stages(imgs)
+    assert (mask.sum(dim=1) == 30).all()
+    with torch.no_grad():
+        sparse_out = model.encoder(imgs, stages)
+        dense_out = model.encoder.forward_dense(imgs, stages[0].mask)
+    torch.testing.assert_close(sparse_out, dense_out, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, pred, _ = model(imgs)
+    loss.backward()
+    assert torch.isfinite(loss) and pred.shape == (16, 49, 3072)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
