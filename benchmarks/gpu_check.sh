@@ -14,7 +14,7 @@ out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-suites=${KFE_GPU_SUITES:-grn attention contrastive sparse hog}
+suites=${KFE_GPU_SUITES:-grn attention contrastive sparse hog fcmae}
 
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu_check: no CUDA GPU on this machine; nothing to check"
