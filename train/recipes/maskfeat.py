@@ -52,7 +52,8 @@ class MaskFeatConfig(TrainConfig):
     model_kwargs: dict = opt({}, "create_model overrides, e.g. {\"embed_dim\": 192, \"depth\": 6, \"num_heads\": 3}")
     mask_ratio: float = opt(0.4, "fraction of tokens masked (block-wise; cubes for video)")
     drop_path: float = opt(0.0, "stochastic depth rate")
-    num_frames: int = opt(1, "1 = images; T > 1 = video clips of T frames (2x16x16 space-time tokens)")
+    num_frames: int = opt(1, "1 = images; T > 1 = clips of T frames (2x16x16 tokens): --data shapes -> moving "
+                               "shapes, a directory -> [<class>/]<clip>/<frame images> folders")
     frame_stride: int = opt(4, "video from a frame folder: take every k-th frame (SlowFast's 16 x 4)")
     video_mask: Literal["cube", "tube"] = opt("cube", "video masks: space-time cubes (MaskFeat) or tubes")
     probe: Literal["both", "knn", "linear", "none"] = opt("both", "probes of the held-out evaluation")
@@ -262,5 +263,10 @@ def describe(m: dict) -> str:
     return "; ".join(parts) or "no held-out evaluation"
 
 
-RECIPE = register(Recipe("maskfeat", MaskFeatConfig, build_data, build_task, PRESETS,
+BENCH = {  # kfe bench recipe maskfeat: (model, resolution, global batch, loader workers)
+    "cpu": [("maskfeat_vit_small", 64, 32, 2)],
+    "cuda": [("maskfeat_vit_base", 224, 256, 12)],
+}
+
+RECIPE = register(Recipe("maskfeat", MaskFeatConfig, build_data, build_task, PRESETS, bench=BENCH,
                          help="MaskFeat: masked HOG-feature prediction with a ViT, images or video clips"))
