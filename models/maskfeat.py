@@ -134,14 +134,14 @@ class MaskFeatViT(VisionTransformer):
 
     # ------------------------------------------------------------------ stages
 
-    def positions(self) -> torch.Tensor:
-        """(1, 1 + L, D): cls position, then one per token in the patch embedding's order."""
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cls position (1, 1, D), token positions (1, L, D) in the patch embedding's order)."""
         if self.num_frames == 1:
-            return self.pos_embed
+            return self.pos_embed[:, :1], self.pos_embed[:, 1:]
         hw = self.pos_embed_spatial.shape[1]
         t = self.pos_embed_temporal.shape[1]
         grid = self.pos_embed_spatial.repeat(1, t, 1) + self.pos_embed_temporal.repeat_interleave(hw, dim=1)
-        return torch.cat([self.pos_embed_class, grid], dim=1)
+        return self.pos_embed_class, grid  # (1, t * h * w, D): frames outer, as the tokens
 
     def check_mask(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         L = self.patch_embed.num_patches
@@ -157,7 +157,9 @@ class MaskFeatViT(VisionTransformer):
         if mask is not None:
             self.check_mask(x, mask)
             tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.positions()
+        cls_pos, pos = self.positions()
+        cls = (self.cls_token + cls_pos).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens + pos], dim=1)  # (B, 1 + L, D); positions added after the mask token
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

@@ -179,3 +179,13 @@ def test_compile_fullgraph_forward_and_loss():
         loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, mask)
     torch.testing.assert_close(loss, step(x, mask))
     torch._dynamo.reset()
+
+
+def test_fixed_sincos_positions_for_video():
+    model = _tiny(img_size=32, num_frames=4, pos_embed="sincos")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"pos_embed_spatial", "pos_embed_temporal", "pos_embed_class"}
+    cls_pos, pos = model.positions()                                            # (1, 1, D), (1, t * h * w, D)
+    assert (cls_pos == 0).all() and pos.shape == (1, 8, 32)
+    torch.testing.assert_close(pos[0, 0] - pos[0, 4], model.pos_embed_temporal[0, 0] - model.pos_embed_temporal[0, 1])
+    model.loss(torch.rand(1, 3, 4, 32, 32))[0].backward()

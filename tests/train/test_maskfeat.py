@@ -1,6 +1,5 @@
 """`kfe train maskfeat` on the CPU: the loss falls on shapes images and moving-shapes clips, probes with
 chance, resumed runs draw the same masks, frame-folder clips, bad data rejected before any model."""
-import json
 import os
 import shutil
 
@@ -127,4 +126,32 @@ def test_bad_video_data_fails_before_any_model(monkeypatch, capsys, tmp_path, sp
 def test_empty_frame_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no clips"):
         FrameFolder(str(tmp_path))
-    assert json.dumps(resolve_config("maskfeat", preset="shapes_video")[0].num_frames) == "4"
+    assert resolve_config("maskfeat", preset="shapes_video")[0].num_frames == 4
+
+
+def test_bench_uses_the_recipes_own_models():
+    from types import SimpleNamespace
+
+    from train.bench import DEFAULTS, _settings
+
+    cpu = torch.device("cpu")
+    assert _settings(SimpleNamespace(sizes=""), cpu, "maskfeat") == [("maskfeat_vit_small", 64, 32, 2)]
+    assert _settings(SimpleNamespace(sizes="32x8"), cpu, "maskfeat") == [("maskfeat_vit_small", 32, 8, 2)]
+    assert _settings(SimpleNamespace(sizes=""), cpu, "supervised") == DEFAULTS["cpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frames", [1, 16])
+def test_gpu_vit_b_bf16_compiled_training(tmp_path, frames):
+    """Real ViT-B at 224 px (and 16-frame clips): bf16 autocast, compiled forward, HOG targets on the GPU."""
+    over = ["--data", "shapes", "--device", "cuda", "--model", "maskfeat_vit_base", "--model_kwargs", "{}",
+            "--resolution", "224", "--batch_size", "64" if frames == 1 else "8", "--num_frames", str(frames),
+            "--shapes.size", "64", "--shapes.val_size", "128", "--steps", "20", "--warmup_steps", "3", "--lr", "1e-3",
+            "--log_every", "1", "--progress", "false", "--num_workers", "4", "--out", str(tmp_path), "--compile",
+            "--probe_samples", "128"]
+    cfg, preset = resolve_config("maskfeat", overrides=over)
+    summary = train("maskfeat", cfg, preset)
+    recs = metrics(cfg.out)
+    losses = [r["loss"] for r in recs]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    assert recs[-1]["tflops"] > 0 and summary["eval"]["val_loss"] < 0.2
