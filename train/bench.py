@@ -30,8 +30,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _settings(args, device: torch.device) -> list[tuple]:
-    base = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+def _settings(args, device: torch.device, name: str = "supervised") -> list[tuple]:
+    from train.recipes.base import get
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    base = (get(name).bench or DEFAULTS)[kind]  # a recipe may name its own models (e.g. maskfeat's ViT)
     if not args.sizes:
         return base
     out = []
@@ -121,9 +124,10 @@ def run(args, device: torch.device) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
     repeats = args.repeats if args.repeats is not None else (5 if cpu else 30)
     records = []
-    for name, setting, dtype in itertools.product(names, _settings(args, device), dtypes):
-        print(f"  timing recipe {name} {setting}", flush=True, file=sys.stderr)
-        records.append(measure(name, setting, device, dtype, warmup, repeats))
+    for name in names:
+        for setting, dtype in itertools.product(_settings(args, device, name), dtypes):
+            print(f"  timing recipe {name} {setting}", flush=True, file=sys.stderr)
+            records.append(measure(name, setting, device, dtype, warmup, repeats))
     meta = machine.info(device)
     print(markdown(records, meta))
     if args.json:
