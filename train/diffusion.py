@@ -205,20 +205,22 @@ class GaussianDiffusion:
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         x = noise
         for i in reversed(range(self.num_timesteps)):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            p = self.p_mean_variance(model(x, self.model_timesteps(t)).float(), x, t, clip)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else 0.0
-            x = self._ddpm_step(p, z) if sampler == "ddpm" else self._ddim_step(p, x, t, eta, z)
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else None
+            x = self.step(model, x, i, z, sampler, eta, clip)
             if progress:
                 progress(i)
         return x
 
-    @staticmethod
-    def _ddpm_step(p: dict, z) -> torch.Tensor:
-        return p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
-
-    def _ddim_step(self, p: dict, x: torch.Tensor, t: torch.Tensor, eta: float, z) -> torch.Tensor:
-        # epsilon re-derived from the (possibly clipped) x_0 prediction, then DDIM Eq. 12.
+    @torch.no_grad()
+    def step(self, model: ModelFn, x: torch.Tensor, i: int, z: torch.Tensor | None, sampler: str = "ddpm",
+             eta: float = 0.0, clip: bool = False) -> torch.Tensor:
+        """x_{i-1} from x_i with the standard-normal draw z (None at i = 0: the mean, no noise)."""
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        p = self.p_mean_variance(model(x, self.model_timesteps(t)).float(), x, t, clip)
+        z = torch.zeros_like(x) if z is None else z
+        if sampler == "ddpm":
+            return p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
+        # DDIM (Eq. 12): epsilon re-derived from the (possibly clipped) x_0 prediction.
         eps = (self._at("sqrt_recip_abar", t, x) * x - p["pred_x0"]) / self._at("sqrt_recipm1_abar", t, x)
         abar, abar_prev = self._at("abar", t, x), self._at("abar_prev", t, x)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()

@@ -161,6 +161,42 @@ def test_sampling_with_the_true_noise_recovers_x0(sampler, steps):
     assert seen == list(reversed(spaced_timesteps(T, steps)))   # the model sees the original timesteps
 
 
+def _oracle(full, x0, v=0.0):
+    def model(x, model_t):
+        abar = full.tables["abar"][model_t].view(-1, 1, 1, 1)
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return torch.cat([eps, torch.full_like(eps, v)], 1)
+    return model
+
+
+@pytest.mark.parametrize("steps", [1000, 40])
+def test_one_step_mean_and_variance(steps):
+    """x_{t-1} = mean + std * z: DDPM uses the learned (interpolated) variance of the (respaced) process;
+    DDIM's sigma at eta = 1 is the posterior's std beta~_t (Song et al., below Eq. 16); eta = 0 is deterministic."""
+    full = GaussianDiffusion.linear(T)
+    d = full.respaced(steps)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    xt = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    zero, one = torch.zeros_like(xt), torch.ones_like(xt)
+    for i in (1, steps // 2, steps - 1):
+        t = torch.full((2,), i)
+        v = 0.3
+        frac = (v + 1) / 2
+        var = torch.exp(frac * d.tables["log_betas"][i] + (1 - frac) * d.tables["post_logvar"][i])
+        post_mean, post_var, _ = d.q_posterior(x0, xt, t)
+        mean = d.step(_oracle(full, x0, v), xt, i, zero, "ddpm")
+        assert torch.allclose(mean, post_mean, atol=1e-9)
+        assert torch.allclose(d.step(_oracle(full, x0, v), xt, i, one, "ddpm") - mean, var.sqrt() * one, atol=1e-9)
+        ddim = d.step(_oracle(full, x0), xt, i, zero, "ddim", eta=1.0)
+        assert torch.allclose(ddim, post_mean, atol=1e-9)   # eta = 1: the posterior mean ...
+        spread = d.step(_oracle(full, x0), xt, i, one, "ddim", eta=1.0) - ddim
+        assert torch.allclose(spread, post_var.sqrt().expand_as(spread), atol=1e-9)   # ... and its variance
+        half = d.step(_oracle(full, x0), xt, i, one, "ddim", eta=0.5) - d.step(_oracle(full, x0), xt, i, zero, "ddim", eta=0.5)
+        assert torch.allclose(half, 0.5 * post_var.sqrt().expand_as(half), atol=1e-9)
+        assert torch.equal(d.step(_oracle(full, x0), xt, i, one, "ddim"), d.step(_oracle(full, x0), xt, i, zero, "ddim"))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="betas"):
         GaussianDiffusion(torch.tensor([0.1, 1.5]))

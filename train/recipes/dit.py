@@ -47,6 +47,8 @@ class DiTConfig(TrainConfig):
     diffusion_steps: int = opt(1000, "T, the number of diffusion steps")
     latent_scale: float = opt(1.0, "latents are multiplied by this (0.18215 for raw SD-VAE latents)")
     eval_samples: int = opt(1000, "held-out images for the held-out loss")
+    data: str = opt("shapes", "'shapes' | ImageFolder dir | WebDataset shards | latent shards: a DIR of "
+                              ".npy/.npz/.pt (N, C, H, W) arrays, or a pattern like 'lat/{00000..00015}.npy'")
     # DiT Sec. 4
     resolution: int = opt(256, "image side in pixels (pixel data; latents set their own size)")
     augment: Literal["auto", "none", "flip", "rrc"] = opt("flip", "pixel data: flip (centre crop + flip, as DiT)")
