@@ -29,7 +29,8 @@ timeout 150 "$py" -m pytest -m gpu -q -p no:cacheprovider tests >"$out/pytest-gp
 tail -3 "$out/pytest-gpu.log"
 
 for suite in $("$py" -c 'import train.cli; from engine.bench import SUITES; print(" ".join(SUITES))'); do
-  timeout 120 "$py" -m train.cli bench "$suite" --modes fwd,bwd,fwd+bwd --json "$out/bench-$suite.json" \
+  limit=120; [ "$suite" = model ] && limit=300   # compiles ConvNeXt V2-B and DiT-XL/2 training steps
+  timeout $limit "$py" -m train.cli bench "$suite" --modes fwd,bwd,fwd+bwd --json "$out/bench-$suite.json" \
     >"$out/bench-$suite.md" 2>"$out/bench-$suite.err" || status=1
   cat "$out/bench-$suite.md"
 done

@@ -1,4 +1,4 @@
-"""`kfe bench model NAME [NAME ...]`: a model's training-step throughput, eager vs compiled (vs timm).
+"""`kfe bench model [NAME ...]`: a model's training-step throughput, eager vs compiled (vs timm).
 
 One step = forward + loss + backward + AdamW step on one batch held on the device (no data loading),
 timed after warm-up (which absorbs torch.compile's compilation; the first step's time is reported as
@@ -12,6 +12,7 @@ where inductor's C++ build of a training step takes minutes on a small machine):
   eager-cl, compile-cl        channels-last weights and input (convolutional models: ConvNeXt)
   timm, timm-compile          timm.create_model(NAME) under the same settings, when timm is importable and
                               knows NAME (otherwise the row says why it was skipped)
+Models: the names given (default: convnextv2_atto on the CPU; convnextv2_base and dit_xl_2 on a GPU).
 Settings: --batch B, --img-size S (for DiT: the latent side, 32 = 256 px images), --dtype bfloat16 (bf16
 autocast; the default on a GPU) or float32 (the CPU default), --model-kwargs JSON (create_model
 overrides), --warmup / --repeats, --json PATH. TFLOP/s counts useful FLOPs: 2 x models.count_flops MACs
@@ -33,6 +34,8 @@ from engine.bench import machine
 from engine.bench.timing import peak_memory_mb, time_fn
 
 PROVIDERS = ("eager", "compile", "eager-cl", "compile-cl", "timm", "timm-compile")
+# Without names: the issue's performance targets on a GPU (ConvNeXt V2-B vs timm, DiT-XL/2's MFU).
+DEFAULTS = {False: ["convnextv2_atto"], True: ["convnextv2_base", "dit_xl_2"]}
 
 
 def build(name: str, res: int, overrides: dict | None = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -183,9 +186,7 @@ def providers_for(name: str, chosen: list[str] | None, device: torch.device) -> 
 def run(args, device: torch.device) -> int:
     from engine.cli import _parse_dtypes
 
-    names = getattr(args, "models", None) or []
-    if not names:
-        raise SystemExit("kfe bench model: name one or more models (models.list_models())")
+    names = getattr(args, "models", None) or DEFAULTS[device.type == "cuda"]
     unknown = [n for n in names if n not in models.list_models()]
     if unknown:
         raise SystemExit(f"kfe bench model: unknown model(s) {unknown}; see models.list_models()")
