@@ -67,6 +67,28 @@ def test_evaluation_is_seeded_and_leaves_training_randomness_alone(tmp_path):
     assert m.y_embedder.embedding_table.num_embeddings == 9   # + the null class
 
 
+def test_training_loss_feeds_noised_images_timesteps_and_labels(tmp_path):
+    from train.recipes import get
+    from train.trainer import Trainer
+
+    cfg, _ = resolve_config("dit", overrides=["--data", "shapes", *TINY, "--out", str(tmp_path), "--steps", "1"])
+    t = Trainer(get("dit"), cfg)
+    t.setup(checkpoints=False)
+    batch = t.prepare(next(iter(t.loader)))
+    assert -1 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1   # pixels scaled to [-1, 1]
+    seen = {}
+
+    def spy(x, tt, y):
+        seen.update(x=x, t=tt, y=y)
+        return torch.zeros(x.shape[0], 6, *x.shape[2:])
+
+    loss, extra = t.task.loss(spy, batch, 0)
+    assert torch.equal(seen["y"], batch["label"]) and seen["t"].min() >= 0 and seen["t"].max() < 1000
+    assert not torch.allclose(seen["x"], batch["image"]) and seen["t"].unique().numel() > 1
+    assert float(extra["mse"]) == pytest.approx(1.0, abs=0.1)   # zero epsilon against unit noise
+    assert float(loss) == pytest.approx(float(extra["mse"] + extra["vb"]), rel=1e-5)
+
+
 @pytest.mark.parametrize("sampler, cfg_scale", [("ddpm", 4.0), ("ddim", 1.0), ("ddim", 2.0), ("ddpm", 1.0)])
 def test_sample_writes_a_grid_of_the_right_size(run_dir, tmp_path, sampler, cfg_scale, capsys):
     out = str(tmp_path / "grid.png")
@@ -90,6 +112,20 @@ def test_sampling_is_seeded_and_uses_ema(run_dir, tmp_path):
     assert torch.equal(a["samples"], b["samples"]) and not torch.equal(a["samples"], c["samples"])
     assert a["ema"] and not raw["ema"] and not torch.equal(a["samples"], raw["samples"])
     assert a["samples"].shape == (2, 3, 16, 16) and a["samples"].abs().max() <= 1
+
+
+def test_classifier_free_guidance_mixes_conditional_and_null_predictions(run_dir):
+    from train.sample import guided, load_model
+
+    model, _, _, _ = load_model(run_dir)
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 990]), torch.tensor([0, 4, 7])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 8))
+        out = guided(model, y, 3.0)(x, t)
+        assert torch.allclose(out[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-5)
+        assert torch.allclose(out[:, 3:], cond[:, 3:], atol=1e-6)       # the conditional variance
+        assert torch.equal(guided(model, y, 1.0)(x, t), cond)
+    assert (cond - uncond).abs().max() > 0                               # the label matters
 
 
 def test_sample_errors(run_dir, tmp_path, capsys):

@@ -59,6 +59,22 @@ def test_evaluation_masks_are_fixed_and_leave_training_randomness_alone(tmp_path
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_probe_features_are_the_unmasked_encoders(tmp_path, pool):
+    from train.recipes import get
+    from train.trainer import Trainer
+
+    cfg, _ = resolve_config("mae", overrides=["--data", "shapes", *TINY, "--out", str(tmp_path), "--steps", "1",
+                                              "--feature_pool", pool])
+    t = Trainer(get("mae"), cfg)
+    t.setup(checkpoints=False)
+    batch = t.prepare(next(iter(t.loader)))
+    tokens = t.module.forward_features(batch["image"])           # (B, 1 + 16, 32): every patch, no mask
+    feats = t.task.embed(t.module, batch)
+    assert tokens.shape == (16, 17, 32) and feats.shape == (16, 32)
+    assert torch.equal(feats, tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1))
+
+
 def test_long_sequence_mask_units(tmp_path):
     # patch 4 at 32 px (8 x 8 patches), mask units of 2 x 2 patches (8 px): kept patches form whole units.
     kw = '{"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}'
