@@ -47,11 +47,16 @@ def _class_ids(text: str | None, names: list[str] | None, num_classes: int) -> l
 
 
 def _class_names(cfg) -> list[str] | None:
+    """The training data's class names when they can be known without the data (shapes) or it is still
+    there (an ImageFolder); None otherwise (rows are then named by index)."""
     from train.data import kind_of
+    from train.data import latents as latents_mod
     from train.data.shapes import class_names
 
     if kind_of(cfg.data) == "shapes":
         return class_names(cfg.shapes.label)
+    if latents_mod.is_latent_spec(cfg.data):
+        return None
     if os.path.isdir(os.path.join(cfg.data, "train")) or os.path.isdir(cfg.data):
         try:
             from train.data.folder import ImageFolder
