@@ -8,6 +8,7 @@
 # pytest-gpu.log, bench-<suite>.{md,json,err}. On a machine without a GPU it says so and exits 0.
 # Budget (seconds, each a hard timeout): extension build 150 (in the background, during the tests),
 # GPU tests 150, then 40 per op suite with few repeats. Commit OUTDIR under benchmarks/results/.
+# Model training throughput (issue 7) is a separate, longer call: KFE_GPU_SUITES=model benchmarks/gpu_check.sh OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -32,7 +33,8 @@ wait $build || echo "gpu_check: extension build failed or timed out (see build.l
 "$py" -m train.cli doctor >>"$out/env.txt" 2>&1
 
 for suite in $suites; do
-  timeout 40 "$py" -m train.cli bench "$suite" --modes fwd,fwd+bwd --warmup 3 --repeats 10 \
+  limit=40; [ "$suite" = model ] && limit=300   # model compiles ConvNeXt V2-B and DiT-XL/2 training steps
+  timeout $limit "$py" -m train.cli bench "$suite" --modes fwd,fwd+bwd --warmup 3 --repeats 10 \
     --json "$out/bench-$suite.json" >"$out/bench-$suite.md" 2>"$out/bench-$suite.err" || status=1
   cat "$out/bench-$suite.md"
 done

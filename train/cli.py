@@ -6,6 +6,8 @@
     kfe bench recipe supervised  training images/s and data-loader images/s of a recipe
     kfe train supervised       train a recipe (kfe train --help; kfe train supervised --help)
     kfe eval RUN_OR_CKPT       held-out top-1 (or --probe knn|linear) of a checkpoint
+    kfe sample dit --ckpt RUN  draw a PNG grid of class-conditional DiT samples (CFG, DDPM/DDIM)
+    kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
 
 Run `kfe <command> --help` for the options of each command.
@@ -22,6 +24,7 @@ from train.curation import cli as curation_cli
 register_suite("curate", "train.curation.bench")
 register_suite("recipe", "train.bench")
 register_suite("fcmae", "models.fcmae_bench")
+register_suite("model", "models.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     engine_cli.add_subcommands(sub)
     curation_cli.add_subcommands(sub)
     curation_cli.add_bench_arguments(sub.choices["bench"])
+    from models import bench as model_bench
+
+    model_bench.add_bench_arguments(sub.choices["bench"])
     from train import cli_train
 
     cli_train.add_subcommands(sub)
+    from train import sample as sample_cli
+
+    sample_cli.add_subcommands(sub)
     return parser
 
 

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable
 
@@ -114,3 +115,12 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """Run an evaluation on a seeded RNG (fixed masks / noise) without moving the training's RNG stream
+    (DataLoader iterators and random masking draw from the global generator)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

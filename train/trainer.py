@@ -65,9 +65,13 @@ def to_channels_last(module: nn.Module) -> nn.Module:
 
 
 def prepare_batch(batch: dict, device: torch.device, channels_last: bool, task) -> dict:
-    """A loader batch on the device: images float and normalised (channels-last if asked), labels long."""
+    """A loader batch on the device: images float and normalised (channels-last if asked), labels long.
+    Floating-point "images" (pre-computed latents, train/data/latents.py) are moved as they are."""
     out = dict(batch)
-    out["image"] = normalize(batch["image"], device, channels_last, task.mean, task.std)
+    if batch["image"].is_floating_point():
+        out["image"] = batch["image"].to(device, torch.float32, non_blocking=True)
+    else:
+        out["image"] = normalize(batch["image"], device, channels_last, task.mean, task.std)
     if "label" in batch:
         out["label"] = batch["label"].to(device, non_blocking=True)
     return out
