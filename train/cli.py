@@ -7,6 +7,7 @@
     kfe train supervised       train a recipe (kfe train --help; kfe train supervised --help)
     kfe eval RUN_OR_CKPT       held-out top-1 (or --probe knn|linear) of a checkpoint
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
+    kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
 
 Run `kfe <command> --help` for the options of each command.
 """
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train import cli_train
 
     cli_train.add_subcommands(sub)
+    from train import pseudo_bow
+
+    pseudo_bow.add_subcommand(sub)
     return parser
 
 
