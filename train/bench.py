@@ -23,6 +23,13 @@ DEFAULTS = {  # (model, resolution, global batch, loader workers)
     "cpu": [("convnextv2_atto", 64, 32, 2)],
     "cuda": [("convnextv2_atto", 224, 256, 12), ("convnext_tiny", 224, 128, 12)],
 }
+# Recipes whose models are not classifiers: model None = the recipe's own (its `shapes` preset's on the
+# CPU, as the README's runs use it; its paper default on a GPU).
+RECIPE_DEFAULTS = {
+    "clip": {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 256, 12)]},
+    "slip": {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 128, 12)]},
+    "cit": {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 256, 12)]},
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -30,8 +37,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _settings(args, device: torch.device) -> list[tuple]:
-    base = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+def _settings(args, device: torch.device, name: str = "supervised") -> list[tuple]:
+    base = RECIPE_DEFAULTS.get(name, DEFAULTS)["cuda" if device.type == "cuda" else "cpu"]
     if not args.sizes:
         return base
     out = []
@@ -46,12 +53,15 @@ def _trainer(name: str, model: str, res: int, batch: int, workers: int, device: 
     from train.run import resolve_config
     from train.trainer import Trainer
 
-    over = ["--data", "shapes", "--model", model, "--resolution", str(res), "--batch_size", str(batch),
+    over = ["--data", "shapes", "--resolution", str(res), "--batch_size", str(batch),
             "--num_workers", str(workers), "--device", device.type, "--steps", "1000", "--out", out,
-            "--progress", "false", "--ema", "false", "--model_kwargs", "{}"]
+            "--progress", "false", "--ema", "false"]
+    if model is not None:
+        over += ["--model", model, "--model_kwargs", "{}"]
     if dtype is not None:
         over += ["--precision", "bf16" if dtype == torch.bfloat16 else "fp32"]
-    cfg, _ = resolve_config(name, overrides=over)
+    preset = "paper" if model is None and device.type == "cuda" else "auto"
+    cfg, _ = resolve_config(name, preset=preset, overrides=over)
     t = Trainer(get(name), cfg)
     t.setup(checkpoints=False)
     return t
@@ -84,6 +94,7 @@ def measure(name: str, setting: tuple, device: torch.device, dtype, warmup: int,
     model, res, batch, workers = setting
     with tempfile.TemporaryDirectory() as out:
         t = _trainer(name, model, res, batch, workers, device, dtype, out)
+        model = t.cfg.model
         loader_ips = _time_loader(t, max(repeats, 5), warmup)
         held = itertools.repeat(next(iter(t.loader)))  # one batch, reused: no loading in the timing
         train_ips, _ = _time_steps(t, held, repeats, warmup)
@@ -121,9 +132,10 @@ def run(args, device: torch.device) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
     repeats = args.repeats if args.repeats is not None else (5 if cpu else 30)
     records = []
-    for name, setting, dtype in itertools.product(names, _settings(args, device), dtypes):
-        print(f"  timing recipe {name} {setting}", flush=True, file=sys.stderr)
-        records.append(measure(name, setting, device, dtype, warmup, repeats))
+    for name, dtype in itertools.product(names, dtypes):
+        for setting in _settings(args, device, name):
+            print(f"  timing recipe {name} {setting}", flush=True, file=sys.stderr)
+            records.append(measure(name, setting, device, dtype, warmup, repeats))
     meta = machine.info(device)
     print(markdown(records, meta))
     if args.json:

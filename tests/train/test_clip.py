@@ -26,10 +26,12 @@ from train.run import evaluate_checkpoint, resolve_config
 
 
 def test_zero_shot_hand_checkable():
-    # "cat" -> e0, "dog" -> e1; the two templates add +-0.5 e2, which the per-class average cancels.
+    # "cat" -> e0, "dog" -> e1; the two templates add +-0.5 e2 and scale by 1 / 3: normalising each prompt
+    # first, the per-class average cancels e2 exactly.
     def encode_text(texts):
         return torch.tensor([[1.0 if t.endswith("cat") else 0.0, 1.0 if t.endswith("dog") else 0.0,
-                              0.5 if t.startswith("a ") else -0.5] for t in texts])
+                              0.5 if t.startswith("a ") else -0.5] for t in texts]) * torch.tensor(
+            [[1.0] if t.startswith("a ") else [3.0] for t in texts])
     table = prompts(["cat", "dog"], ["a {}", "one {}"])
     assert table == [["a cat", "one cat"], ["a dog", "one dog"]]
     weights = zero_shot_weights(encode_text, table)
@@ -142,3 +144,12 @@ def test_pseudo_bow_captions_then_training_on_them(clip_run, tmp_path, capsys):
                         "--val_data", "shapes", "--tokenizer", "word")
     assert len(metrics(cfg2.out)) == 2 and summary["eval"]["classes"] == 8
     assert set(tok_mod.load(os.path.join(cfg2.out, "tokenizer.json")).vocab) <= vocab
+
+
+def test_bench_recipe_clip_uses_the_recipes_own_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert kfe_main(["bench", "recipe", "clip", "--sizes", "32x8", "--warmup", "1", "--repeats", "2",
+                     "--json", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())
+    assert rec["recipe"] == "clip" and rec["model"] == "clip_vit_small_patch16" and rec["batch"] == 8
+    assert rec["loader_images_per_s"] > 0 and rec["train_images_per_s"] > 0 and rec["train_flops_per_image"] > 0

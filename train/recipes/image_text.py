@@ -284,13 +284,15 @@ def zero_shot_evaluator(cfg: ImageTextConfig, data: ImageTextData, info: DistInf
         batches = eval_batches(data.val.dataset, cfg.eval_batch_size, info.rank, info.world,
                                num_workers=min(cfg.num_workers, 2))
         out = zero_shot_top1(module.encode_image, weights, batches, prepare, info)
-        return {**out, "classes": len(table), "prompts": len(table[0])}
+        what = cfg.shapes.label.replace("_", "+") if kind_of_val(cfg) == "shapes" else "folder"
+        return {**out, "classes": len(table), "class_kind": what, "prompts": len(table[0])}
     return evaluate
 
 
 def describe(m: dict) -> str:
+    kind = {"color": "colour", "shape": "shape", "shape+color": "shape+colour"}.get(m.get("class_kind"), "")
     line = (f"held-out zero-shot top-1 {percent(m['top1'])} (chance {percent(m['chance'])}; {m['n']} images, "
-            f"{m['classes']} classes x {m['prompts']} prompts)")
+            f"{m['classes']} {kind + ' ' if kind else ''}classes x {m['prompts']} prompts)")
     if "ema_top1" in m:
         line += f", EMA zero-shot top-1 {percent(m['ema_top1'])}"
     return line
