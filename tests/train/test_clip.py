@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.train.clip_util import TINY, falls, run
+from tests.train.clip_util import falls, run
 from tests.train.util import metrics
 from train import checkpoint as ckpt_mod
 from train.cli import main as kfe_main
@@ -153,3 +153,20 @@ def test_bench_recipe_clip_uses_the_recipes_own_model(tmp_path, capsys):
     (rec,) = json.loads(out.read_text())
     assert rec["recipe"] == "clip" and rec["model"] == "clip_vit_small_patch16" and rec["batch"] == 8
     assert rec["loader_images_per_s"] > 0 and rec["train_images_per_s"] > 0 and rec["train_flops_per_image"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["clip", "slip"])
+def test_gpu_bf16_real_size_loss_falls(tmp_path, recipe):
+    # ViT-S/16 towers at 224 px (CLIP's text tower: 12 blocks, width 512, context 77), bf16 autocast, fused AdamW
+    from train.run import train
+
+    over = ["--data", "shapes", "--device", "cuda", "--model", f"{recipe}_vit_small_patch16", "--resolution", "224",
+            "--batch_size", "64", "--shapes.size", "64", "--steps", "25", "--warmup_steps", "3", "--lr", "5e-4",
+            "--log_every", "1", "--progress", "false", "--num_workers", "4", "--vocab_samples", "2000",
+            "--out", str(tmp_path), "--model_kwargs", "{}", "--context_length", "77", "--threads", "0"]
+    cfg, preset = resolve_config(recipe, overrides=over)
+    summary = train(recipe, cfg, preset)
+    recs = metrics(cfg.out)
+    assert falls([r["loss"] for r in recs], 0.8) and recs[-1]["tflops"] > 0 and recs[-1]["mem_gb"] > 0
+    assert cfg.precision == "auto" and summary["eval"]["n"] == 1000
