@@ -19,16 +19,10 @@ import torch
 
 from engine.bench import machine
 
-DEFAULTS = {  # (model, resolution, global batch, loader workers)
+DEFAULTS = {  # (model, resolution, global batch, loader workers); model None (in a Recipe.bench) = the
+    #          recipe's own model: its `shapes` preset's on the CPU, its paper default on a GPU
     "cpu": [("convnextv2_atto", 64, 32, 2)],
     "cuda": [("convnextv2_atto", 224, 256, 12), ("convnext_tiny", 224, 128, 12)],
-}
-# Recipes whose models are not classifiers: model None = the recipe's own (its `shapes` preset's on the
-# CPU, as the README's runs use it; its paper default on a GPU).
-RECIPE_DEFAULTS = {
-    "clip": {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 256, 12)]},
-    "slip": {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 128, 12)]},
-    "cit": {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 256, 12)]},
 }
 
 
@@ -38,7 +32,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _settings(args, device: torch.device, name: str = "supervised") -> list[tuple]:
-    base = RECIPE_DEFAULTS.get(name, DEFAULTS)["cuda" if device.type == "cuda" else "cpu"]
+    from train.recipes.base import get
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    base = (get(name).bench or DEFAULTS)[kind]  # a recipe may name its own models (e.g. maskfeat's ViT)
     if not args.sizes:
         return base
     out = []
@@ -132,8 +129,8 @@ def run(args, device: torch.device) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
     repeats = args.repeats if args.repeats is not None else (5 if cpu else 30)
     records = []
-    for name, dtype in itertools.product(names, dtypes):
-        for setting in _settings(args, device, name):
+    for name in names:
+        for setting, dtype in itertools.product(_settings(args, device, name), dtypes):
             print(f"  timing recipe {name} {setting}", flush=True, file=sys.stderr)
             records.append(measure(name, setting, device, dtype, warmup, repeats))
     meta = machine.info(device)

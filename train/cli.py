@@ -22,6 +22,7 @@ from train.curation import cli as curation_cli
 
 register_suite("curate", "train.curation.bench")
 register_suite("recipe", "train.bench")
+register_suite("fcmae", "models.fcmae_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

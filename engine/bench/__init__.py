@@ -12,6 +12,7 @@ SUITES: dict[str, str] = {
     "attention": "engine.ops.attention.bench",
     "contrastive": "engine.ops.contrastive.bench",
     "sparse": "engine.ops.sparse_conv.bench",
+    "hog": "engine.ops.hog.bench",
 }
 
 

@@ -93,13 +93,16 @@ def test_slip_loss_falls(tmp_path):
 
 def test_slip_views_are_deterministic_uint8_and_differ():
     from train.data.simclr import SlipViews, _hue_shift
-    from train.data.transforms import make_transform
+    from train.data.transforms import make_transform, normalize
 
     views = SlipViews(make_transform(32, "none"), 32)
     img = Shapes("train", 4, 32)[1]["image"]
     a, b = views(img, np.random.default_rng(3)), views(img, np.random.default_rng(3))
-    assert a.shape == (3, 3, 32, 32) and a.dtype == torch.uint8 and torch.equal(a, b)
-    assert torch.equal(a[0], torch.from_numpy(img).permute(2, 0, 1)) and not torch.equal(a[1], a[2])
+    assert a.shape == (3, 3, 32, 32) and a.dtype == torch.uint8 and torch.equal(a, b)  # (C, view, H, W)
+    assert torch.equal(a[:, 0], torch.from_numpy(img).permute(2, 0, 1)) and not torch.equal(a[:, 1], a[:, 2])
+    batch = normalize(a[None], torch.device("cpu"))           # as the trainer prepares a SLIP batch
+    for v in range(3):                                         # every view normalised per colour channel
+        torch.testing.assert_close(batch[:, :, v], normalize(a[None, :, v], torch.device("cpu")))
     red = np.zeros((3, 2, 2), np.float32)
     red[0] = 1
     np.testing.assert_allclose(_hue_shift(red, 1 / 3), red[[2, 0, 1]], atol=1e-6)   # red -> green

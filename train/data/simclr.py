@@ -98,10 +98,11 @@ def simclr_transform(resolution: int, crop_min_scale: float = 0.08, blur_sigma=(
 
 
 class SlipViews:
-    """(image, rng) -> (3 views, 3, H, W) uint8: the CLIP view, then two SimCLR views (picklable)."""
+    """(image, rng) -> (3, 3 views, H, W) uint8: the CLIP view, then two SimCLR views. Views go second,
+    as frames do in a clip (3, T, H, W), so batches normalise per colour channel like video."""
 
     def __init__(self, clip_view: Callable, resolution: int, crop_min_scale: float = 0.08):
         self.clip_view, self.ssl_view = clip_view, simclr_transform(resolution, crop_min_scale)
 
     def __call__(self, img, rng: np.random.Generator) -> torch.Tensor:
-        return torch.stack([self.clip_view(img, rng), self.ssl_view(img, rng), self.ssl_view(img, rng)])
+        return torch.stack([self.clip_view(img, rng), self.ssl_view(img, rng), self.ssl_view(img, rng)], dim=1)

@@ -105,9 +105,11 @@ def make_transform(resolution: int, augment: str, crop_min_scale: float = 0.08,
 
 def normalize(images: torch.Tensor, device: torch.device, channels_last: bool = False,
               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(N, 3, H, W) uint8 (any device) -> float32 normalised on `device` (channels-last if asked)."""
+    """(N, 3, H, W) uint8 (any device) -> float32 normalised on `device` (channels-last if asked).
+    Video clips (N, 3, T, H, W) are normalised the same way (channels-last applies to 4-D images only)."""
     x = images.to(device, non_blocking=True).float().div_(255)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    shape = (1, 3) + (1,) * (x.dim() - 2)  # broadcast over (H, W) or (T, H, W)
+    m = torch.tensor(mean, device=device).view(shape)
+    s = torch.tensor(std, device=device).view(shape)
     x = (x - m) / s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -123,6 +123,8 @@ class Recipe:
     presets: dict[str, dict] = field(default_factory=dict)
     help: str = ""
     export: Callable[[dict], dict] | None = None  # trained state dict -> official keys (default: as is)
+    bench: dict[str, list[tuple]] | None = None   # `kfe bench recipe`: {device type: [(model, res, batch,
+    #                                              workers), ...]} (default: train/bench.py's ConvNeXt settings)
 
 
 RECIPES: dict[str, Recipe] = {}

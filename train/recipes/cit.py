@@ -298,5 +298,9 @@ def describe_cit(m: dict) -> str:
     return "; ".join(parts) or "no held-out evaluation"
 
 
+# kfe bench recipe cit: the shapes preset's model on the CPU (as the README's run), the paper's on a GPU
+BENCH = {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 256, 12)]}
+
 RECIPE = register(Recipe("cit", CitConfig, build_data, build_task, PRESETS,
-                         help="CiT: CLIP trained on pool data curated in training by text similarity to metadata"))
+                         help="CiT: CLIP trained on pool data curated in training by text similarity to metadata",
+                         bench=BENCH))

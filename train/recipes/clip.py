@@ -94,5 +94,9 @@ def _json(tok: tok_mod.Tokenizer) -> str:
     return json.dumps(tok.to_dict(), indent=0) + "\n"
 
 
+# kfe bench recipe clip: the shapes preset's model on the CPU (as the README's run), the paper's on a GPU
+BENCH = {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 256, 12)]}
+
 RECIPE = register(Recipe("clip", ClipConfig, build_data, build_task, PRESETS,
-                         help="CLIP image-text contrastive pre-training (SLIP's CLIP ViT recipe); zero-shot eval"))
+                         help="CLIP image-text contrastive pre-training (SLIP's CLIP ViT recipe); zero-shot eval",
+                         bench=BENCH))

@@ -61,8 +61,8 @@ def build_task(cfg: SlipConfig, data: ImageTextData, info: DistInfo) -> Task:
     captioner = Captioner(cfg, data.tokenizer, data.file_captions, balancer(cfg, data))
 
     def loss(net, batch, step):
-        views = batch["image"]  # (B, 3 views, 3, H, W): CLIP view, SimCLR view 1, view 2
-        out = net(views[:, 0], captioner(batch, step, views.device), views[:, 1], views[:, 2])
+        views = batch["image"]  # (B, 3, 3 views, H, W): CLIP view, SimCLR view 1, view 2
+        out = net(views[:, :, 0], captioner(batch, step, views.device), views[:, :, 1], views[:, :, 2])
         clip = core(net).clip_loss(out)
         ssl = nt_xent(out["aug1_embed"].float(), out["aug2_embed"].float(), cfg.ssl_temp)
         return clip + cfg.ssl_scale * ssl, {"clip_loss": clip.detach(), "ssl_loss": ssl.detach()}
@@ -76,5 +76,9 @@ def build_task(cfg: SlipConfig, data: ImageTextData, info: DistInfo) -> Task:
                 run_files={"tokenizer.json": _json(data.tokenizer)})
 
 
+# kfe bench recipe slip: the shapes preset's model on the CPU (as the README's run), the paper's on a GPU
+BENCH = {"cpu": [(None, 32, 128, 1)], "cuda": [(None, 224, 128, 12)]}
+
 RECIPE = register(Recipe("slip", SlipConfig, build_data, build_task, PRESETS,
-                         help="SLIP: CLIP + SimCLR on two augmented views (SLIP's ViT recipe); zero-shot eval"))
+                         help="SLIP: CLIP + SimCLR on two augmented views (SLIP's ViT recipe); zero-shot eval",
+                         bench=BENCH))
