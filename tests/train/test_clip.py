@@ -91,6 +91,15 @@ def test_slip_loss_falls(tmp_path):
     assert "prompts" in summary["eval"] and summary["checkpoint"].endswith("ckpt-00000025.pt")
 
 
+def test_slip_simclr_loss_is_nt_xent_on_one_process():
+    from models.clip import nt_xent
+    from train.recipes.slip import simclr_loss
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(simclr_loss(z1, z2, 0.1), nt_xent(z1.float(), z2.float(), 0.1))
+
+
 def test_slip_views_are_deterministic_uint8_and_differ():
     from train.data.simclr import SlipViews, _hue_shift
     from train.data.transforms import make_transform, normalize

@@ -8,16 +8,18 @@ vision tower and the 3-layer `image_mlp` head, scored with NT-Xent at temperatur
 Defaults are SLIP's ViT-B/16 recipe on YFCC15M (the official repository's README, "SLIP ViT-Base with
 8-nodes (batch size 4096)": lr 3e-3, weight decay 0.1; main.py: 25 epochs, 1 warmup epoch, AdamW betas
 (0.9, 0.98), cosine to 1e-5, SimCLR head 4096 -> 4096 -> 256). blr 1.875e-4 is 3e-3 at batch 4096.
-Differences: the SimCLR term uses this process's views only (negatives from the local batch), and
-the head's BatchNorm statistics are per process, so unlike `clip` a multi-process run is not the
-same computation as one process on the global batch.
+The SimCLR term is SLIP's SIMCLRLoss: each process's views against every process's views (gathered
+with gradients), which on one process is models.clip.nt_xent. The head's BatchNorm statistics are per
+process (as in SLIP), so unlike `clip` a multi-process run is not exactly one process on the global batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import models
-from models.clip import nt_xent
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
 from train.config import opt
 from train.data.simclr import SlipViews
 from train.dist import DistInfo
@@ -42,6 +44,24 @@ class SlipConfig(ClipConfig):
 PRESETS = {"shapes": {**SHAPES, "model": "slip_vit_small_patch16", "ssl_mlp_dim": 256, "ssl_emb_dim": 64}}
 
 
+def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over all processes' views (SLIP's SIMCLRLoss): this process's rows of view 1 against every
+    view-2 row (positive: the same sample) and every other view-1 row, and symmetrically; mean of both."""
+    from engine.ops.contrastive.dist import _GatherRows, resolve_group
+
+    q1, q2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)  # (b, D) each
+    group, offset, k1, k2 = resolve_group(None), 0, q1, q2
+    if group is not None:
+        offset = tdist.get_rank(group) * q1.shape[0]
+        k1, k2 = _GatherRows.apply(q1, group), _GatherRows.apply(q2, group)  # (W * b, D)
+    labels = torch.arange(offset, offset + q1.shape[0], device=q1.device)
+    self_mask = F.one_hot(labels, k1.shape[0]).bool()  # a view is not its own negative
+    l11 = (q1 @ k1.T / temperature).masked_fill(self_mask, float("-inf"))
+    l22 = (q2 @ k2.T / temperature).masked_fill(self_mask, float("-inf"))
+    l12, l21 = q1 @ k2.T / temperature, q2 @ k1.T / temperature
+    return (F.cross_entropy(torch.cat([l12, l11], 1), labels) + F.cross_entropy(torch.cat([l21, l22], 1), labels)) / 2
+
+
 def build_data(cfg: SlipConfig, info: DistInfo) -> ImageTextData:
     data = open_data(cfg, info, "slip")
     ds = data.train.dataset  # Transformed or WebDatasetStream: both apply `.transform(image, rng)`
@@ -53,8 +73,6 @@ def build_task(cfg: SlipConfig, data: ImageTextData, info: DistInfo) -> Task:
     extra = dict(ssl_mlp_dim=cfg.ssl_mlp_dim, ssl_emb_dim=cfg.ssl_emb_dim)
     model = build_model(cfg, data.tokenizer, **extra)
     meta = build_model(cfg, data.tokenizer, "meta", **extra)
-    import torch
-
     image = torch.zeros(1, 3, cfg.resolution, cfg.resolution, device="meta")
     text = torch.zeros(1, cfg.context_length, dtype=torch.long, device="meta")
     macs = models.count_flops(meta, inputs=(image, text, image, image))  # CLIP pair + two SimCLR views
@@ -64,7 +82,7 @@ def build_task(cfg: SlipConfig, data: ImageTextData, info: DistInfo) -> Task:
         views = batch["image"]  # (B, 3, 3 views, H, W): CLIP view, SimCLR view 1, view 2
         out = net(views[:, :, 0], captioner(batch, step, views.device), views[:, :, 1], views[:, :, 2])
         clip = core(net).clip_loss(out)
-        ssl = nt_xent(out["aug1_embed"].float(), out["aug2_embed"].float(), cfg.ssl_temp)
+        ssl = simclr_loss(out["aug1_embed"], out["aug2_embed"], cfg.ssl_temp)
         return clip + cfg.ssl_scale * ssl, {"clip_loss": clip.detach(), "ssl_loss": ssl.detach()}
 
     def embed(module, batch):
