@@ -116,13 +116,18 @@ class CLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """(B, N <= context_length) token ids -> (B, embed_dim), pooled at the end-of-text token."""
+        return self.text_features(text) @ self.text_projection
+
+    def text_features(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, N) token ids -> the text tower's pooled features (B, transformer_width), before the
+        projection (what CiT scores pool texts with)."""
         if text.shape[1] > self.context_length:
             raise ValueError(f"text has {text.shape[1]} tokens; the context length is {self.context_length}")
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, N, W)
         x = self.ln_final(self.transformer(x))
         # OpenAI's tokenizer gives EOT the largest id (argmax); other tokenizers name theirs.
         eot = text.argmax(dim=-1) if self.eot_token_id is None else (text == self.eot_token_id).int().argmax(-1)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return x[torch.arange(x.shape[0], device=x.device), eot]
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image_embed": F.normalize(self.encode_image(image), dim=-1),

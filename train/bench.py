@@ -19,7 +19,8 @@ import torch
 
 from engine.bench import machine
 
-DEFAULTS = {  # (model, resolution, global batch, loader workers)
+DEFAULTS = {  # (model, resolution, global batch, loader workers); model None (in a Recipe.bench) = the
+    #          recipe's own model: its `shapes` preset's on the CPU, its paper default on a GPU
     "cpu": [("convnextv2_atto", 64, 32, 2)],
     "cuda": [("convnextv2_atto", 224, 256, 12), ("convnext_tiny", 224, 128, 12)],
 }
@@ -49,12 +50,15 @@ def _trainer(name: str, model: str, res: int, batch: int, workers: int, device: 
     from train.run import resolve_config
     from train.trainer import Trainer
 
-    over = ["--data", "shapes", "--model", model, "--resolution", str(res), "--batch_size", str(batch),
+    over = ["--data", "shapes", "--resolution", str(res), "--batch_size", str(batch),
             "--num_workers", str(workers), "--device", device.type, "--steps", "1000", "--out", out,
-            "--progress", "false", "--ema", "false", "--model_kwargs", "{}"]
+            "--progress", "false", "--ema", "false"]
+    if model is not None:
+        over += ["--model", model, "--model_kwargs", "{}"]
     if dtype is not None:
         over += ["--precision", "bf16" if dtype == torch.bfloat16 else "fp32"]
-    cfg, _ = resolve_config(name, overrides=over)
+    preset = "paper" if model is None and device.type == "cuda" else "auto"
+    cfg, _ = resolve_config(name, preset=preset, overrides=over)
     t = Trainer(get(name), cfg)
     t.setup(checkpoints=False)
     return t
@@ -87,6 +91,7 @@ def measure(name: str, setting: tuple, device: torch.device, dtype, warmup: int,
     model, res, batch, workers = setting
     with tempfile.TemporaryDirectory() as out:
         t = _trainer(name, model, res, batch, workers, device, dtype, out)
+        model = t.cfg.model
         loader_ips = _time_loader(t, max(repeats, 5), warmup)
         held = itertools.repeat(next(iter(t.loader)))  # one batch, reused: no loading in the timing
         train_ips, _ = _time_steps(t, held, repeats, warmup)

@@ -9,6 +9,7 @@
     kfe sample dit --ckpt RUN  draw a PNG grid of class-conditional DiT samples (CFG, DDPM/DDIM)
     kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
+    kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
 
 Run `kfe <command> --help` for the options of each command.
 """
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train import sample as sample_cli
 
     sample_cli.add_subcommands(sub)
+    from train import pseudo_bow
+
+    pseudo_bow.add_subcommand(sub)
     return parser
 
 

@@ -7,6 +7,10 @@
   training features vote with weight exp(sim / T); k = 20, T = 0.07.
 - Linear probe (MAE, Sec. 4 / Appendix A.2): a linear classifier on frozen features, standardised by
   the training-feature mean and std (MAE's affine-free BatchNorm), trained with AdamW + cosine.
+- Zero-shot (CLIP, Radford et al. 2021, Sec. 3.1.4, prompt ensembling): every class name is put into
+  each prompt template, the prompts are encoded by the text tower and L2-normalised, averaged per
+  class and normalised again; an image is assigned the class whose embedding has the largest cosine
+  similarity with its (normalised) image embedding; top-1 and chance as above.
 """
 from __future__ import annotations
 
@@ -124,3 +128,33 @@ def seeded(device: torch.device, seed: int):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def prompts(class_names: list[str], templates: list[str]) -> list[list[str]]:
+    """(C, T) prompts: each template's "{}" replaced by each class name."""
+    if not class_names or not templates:
+        raise ValueError("zero-shot needs at least one class name and one template")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"every template needs a '{{}}' for the class name, got {bad}")
+    return [[t.replace("{}", c) for t in templates] for c in class_names]
+
+
+@torch.no_grad()
+def zero_shot_weights(encode_text: Callable[[list[str]], torch.Tensor], class_prompts: list[list[str]],
+                      chunk: int = 1024) -> torch.Tensor:
+    """(C, D) class embeddings: encode_text(list of T texts) -> (T, D); normalise, average, normalise."""
+    flat = [p for row in class_prompts for p in row]
+    emb = torch.cat([encode_text(flat[i:i + chunk]).float() for i in range(0, len(flat), chunk)])
+    emb = F.normalize(emb, dim=-1).view(len(class_prompts), len(class_prompts[0]), -1)  # (C, T, D)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_top1(encode_image: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor,
+                   batches: Iterable[dict], prepare: Callable[[dict], dict], info: DistInfo) -> dict:
+    """{"top1", "chance", "n"}: argmax over classes of cos(image embedding, class embedding)."""
+    def classify(batch):
+        return F.normalize(encode_image(batch["image"]).float(), dim=-1) @ weights.to(batch["image"].device).T
+
+    return top1(classify, batches, prepare, info, weights.shape[0])

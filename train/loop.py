@@ -69,7 +69,7 @@ def run_loop(t) -> dict:
     cfg = t.cfg
     rep = t.reporter()
     t.install_signal_handlers()
-    batches = iter(t.loader)
+    batches = t.batches()
     step, start_step = t.start_step, t.start_step
     session_start, session_images = time.perf_counter(), 0
     acc, rec, saved_at, stopped = _Interval(t.device), {}, None, False

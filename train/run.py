@@ -56,6 +56,9 @@ def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
         if info.main:
             with open(os.path.join(trainer.run_dir, "config.toml"), "w") as f:
                 f.write(f"# kfe train {recipe_name} (preset {preset}); rerun with --config this-file\n" + text)
+            for name, content in trainer.task.run_files.items():
+                with open(os.path.join(trainer.run_dir, name), "w") as f:
+                    f.write(content)
             start = f"resuming at step {trainer.start_step}" if trainer.start_step else "starting"
             print(f"{start}: {trainer.total_steps} steps of {cfg.batch_size} images "
                   f"({trainer.local_batch} per process x {cfg.accum_steps} accumulation), lr {trainer.lr:.3g}, "
@@ -87,6 +90,8 @@ def load_for_eval(path: str, overrides: list[str] | None = None, ema: bool = Fal
     task = recipe.build_task(cfg, data, info)
     if ema and ckpt.get("ema") is None:
         raise ValueError(f"{path} has no EMA weights")
+    if task.load_state_dict is not None and ckpt.get("task"):
+        task.load_state_dict(ckpt["task"][0])
     module = task.model
     module.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
     channels_last = task.channels_last and cfg.channels_last

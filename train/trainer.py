@@ -90,6 +90,8 @@ class Trainer:
 
     def setup(self, checkpoints: bool = True) -> None:
         cfg, info = self.cfg, self.info
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -109,6 +111,8 @@ class Trainer:
         if self.channels_last and not self.sharded:  # FSDP2 cannot shard non-contiguous parameters
             to_channels_last(self.module)
         state = ckpt_mod.load(resume) if resume else None
+        if state is not None:
+            self._restore_task(state)
         if state is not None and not self.sharded:
             self.module.load_state_dict(state["model"])
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema else None
@@ -161,6 +165,23 @@ class Trainer:
         else:
             warmup = round(cfg.warmup_epochs * per_epoch) if per_epoch else 0
         return total, min(warmup, total)
+
+    def _restore_task(self, state: dict) -> None:
+        """The recipe's own state (before the weights: a mismatch there is the clearer error)."""
+        saved = state.get("task")
+        if self.task.load_state_dict is None or saved is None:
+            return
+        if len(saved) != self.info.world:
+            warnings.warn(f"checkpoint written by {len(saved)} process(es), resumed on {self.info.world}: "
+                          "the recipe's per-process state restarts")
+            return
+        self.task.load_state_dict(saved[self.info.rank])
+
+    def batches(self):
+        """The training batches: the loader's, or what the recipe makes of them (task.batches)."""
+        if self.task.batches is not None:
+            return self.task.batches(self.loader, self.module)
+        return iter(self.loader)
 
     def _restore(self, state: dict, path: str) -> None:
         info, saved = self.info, state["config"]
@@ -251,6 +272,7 @@ class Trainer:
         info = self.info
         rng = dist_mod.all_gather_objects(ckpt_mod.rng_state(), info)
         data = dist_mod.all_gather_objects(self.loader.state_dict(), info)
+        task = dist_mod.all_gather_objects(self.task.state_dict(), info) if self.task.state_dict else None
         model_sd = unwrap_state(self.module, info) if self.sharded else self.module.state_dict()
         opt_sd = optimizer_state(self.module, self.optimizer, "fsdp" if self.sharded else "ddp")
         path = ckpt_mod.path_for(self.run_dir, step)
@@ -259,7 +281,7 @@ class Trainer:
                 "format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
                 "config": config_mod.to_dict(self.cfg), "model": model_sd, "optimizer": opt_sd,
                 "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "rng": rng, "data": data, "world": info.world,
+                "rng": rng, "data": data, "world": info.world, "task": task,
             }, path)
             ckpt_mod.prune(self.run_dir, self.cfg.keep_ckpts)
         dist_mod.barrier(info)

@@ -258,6 +258,11 @@ class Shapes:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         return sample_scene(rng), rng
 
+    def caption(self, index: int) -> str:
+        """Sample `index`'s caption without drawing the image (what __getitem__ gives; cheap)."""
+        scene, rng = self.scene(index)
+        return caption(scene, bool(rng.random() < 0.5))
+
     def __getitem__(self, index: int) -> dict:
         scene, rng = self.scene(index)
         flip = bool(rng.random() < 0.5)

@@ -14,6 +14,11 @@
   loader batch to the device and normalises it as training does.
 - `task.embed(module, batch) -> (N, D)` features, when the recipe has them: `kfe eval --probe knn`
   and `--probe linear` (train/eval.py) use it; self-supervised recipes evaluate this way.
+- Optional, for recipes that choose their own training batches or keep state of their own (CiT's
+  curation): `task.batches(loader, module) -> iterator of batches` replaces `iter(loader)` (it may
+  draw any number of loader batches per training batch); `task.state_dict()` / `task.load_state_dict()`
+  are saved per rank in checkpoints (`"task"`) and restored on resume (and by `kfe eval`, rank 0's);
+  `task.run_files` ({name: text}) are written into the run directory at the start (e.g. tokenizer.json).
 
 TrainConfig holds the keys every recipe shares; a recipe's config subclasses it and sets its paper's
 defaults (cite the table).
@@ -21,7 +26,7 @@ defaults (cite the table).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -67,6 +72,7 @@ class TrainConfig:
     dist: Literal["ddp", "fsdp"] = opt("ddp", "data parallel: DDP, or FSDP2 fully_shard for large models")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns; slower)")
     seed: int = opt(0, "seed of the model init, data order and augmentation")
+    threads: int = opt(0, "torch CPU threads per process (0 = torch's default)")
     # outputs
     out: str = opt("", "run directory (default runs/<recipe>-<data>)")
     resume: str = opt("", "'' = fresh run, 'auto' = newest checkpoint in `out`, or a checkpoint path")
@@ -101,6 +107,11 @@ class Task:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     describe: Callable[[dict], str] | None = None  # eval metrics -> one line a person reads
+    batches: Callable[[object, nn.Module], Iterator[dict]] | None = None  # (Loader, module) -> training
+    #                                              batches (default: iter(loader)); see the module doc
+    state_dict: Callable[[], dict] | None = None   # recipe state for checkpoints (per rank)
+    load_state_dict: Callable[[dict], None] | None = None
+    run_files: dict[str, str] = field(default_factory=dict)  # written into the run directory at the start
 
 
 @dataclass
