@@ -82,7 +82,7 @@ def _parse_dtypes(text: str | None) -> list[torch.dtype] | None:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from engine.bench import MODES, SUITES, markdown, run, write_json
+    from engine.bench import MODES, SUITES, Reporter, run
 
     if args.list or not args.suites:
         print("suites: " + ", ".join(sorted(SUITES)))
@@ -100,22 +100,23 @@ def bench(args: argparse.Namespace) -> int:
     cases, status = [], 0
     for name in args.suites:
         suite = importlib.import_module(SUITES[name])
-        if hasattr(suite, "run"):  # suites that are not op timings (e.g. texts/s) run themselves
-            status |= suite.run(args, device)
-            continue
-        cases += suite.cases(device, _parse_sizes(args.sizes), _parse_dtypes(args.dtype))
+        try:
+            if hasattr(suite, "run"):  # suites that are not op timings (e.g. texts/s) run themselves
+                status |= suite.run(args, device)
+                continue
+            cases += suite.cases(device, _parse_sizes(args.sizes), _parse_dtypes(args.dtype))
+        except ValueError as err:  # a bad --sizes / --dtype for this suite: its message says what it expects
+            raise SystemExit(f"kfe bench {name}: error: {err}") from None
     if not cases:
         return status
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
     repeats = args.repeats if args.repeats is not None else (10 if cpu else 50)
     providers = args.providers.split(",") if args.providers else None
-    records = run(cases, modes, warmup, repeats, providers,
+    report = Reporter(args.json)
+    records = run(cases, modes, warmup, repeats, providers, on_group=report,
                   progress=lambda msg: print(f"  timing {msg}", file=sys.stderr, flush=True))
-    print(markdown(records))
-    if args.json:
-        write_json(records, args.json)
-        print(f"\nwrote {len(records)} records to {args.json}")
+    report.finish()
     return 1 if status or any("error" in r for r in records) else 0
 
 

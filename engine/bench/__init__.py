@@ -5,7 +5,7 @@ their own `run(args, device) -> int` for measurements that are not op timings (e
 registered by name in SUITES; models, recipes and curation add theirs with `register_suite` (train/cli.py).
 """
 from engine.bench.core import MODES, Case, run
-from engine.bench.report import markdown, write_json
+from engine.bench.report import Reporter, markdown, write_json
 
 SUITES: dict[str, str] = {
     "grn": "engine.ops.grn.bench",
@@ -20,4 +20,4 @@ def register_suite(name: str, module: str) -> None:
     SUITES[name] = module
 
 
-__all__ = ["MODES", "SUITES", "Case", "markdown", "register_suite", "run", "write_json"]
+__all__ = ["MODES", "SUITES", "Case", "Reporter", "markdown", "register_suite", "run", "write_json"]

@@ -78,9 +78,27 @@ def _time_provider(case: Case, name: str, fn: Callable, mode: str, warmup: int, 
     return rec
 
 
+def _compare(group: list[dict], baseline: str) -> None:
+    """Speedups of one (case, mode) group: every provider vs the baseline, and each KFE provider
+    ("kfe*") vs the fastest provider that is not KFE's (reference, compiled reference or a peer)."""
+    timed = [r for r in group if "ms" in r]
+    base = next((r["ms"]["p50"] for r in timed if r["provider"] == baseline), None)
+    others = [r for r in timed if not r["provider"].startswith("kfe")]
+    best = min(others, key=lambda r: r["ms"]["p50"], default=None)
+    for rec in timed:
+        if base:
+            rec["speedup_vs_" + baseline] = base / rec["ms"]["p50"]
+        if best is not None and rec["provider"].startswith("kfe"):
+            rec["best_other"] = best["provider"]
+            rec["speedup_vs_best_other"] = best["ms"]["p50"] / rec["ms"]["p50"]
+
+
 def run(cases: Sequence[Case], modes: Sequence[str], warmup: int, repeats: int,
-        providers: Sequence[str] | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Time every (case, mode, provider); `providers` filters by name (the baseline always runs)."""
+        providers: Sequence[str] | None = None, progress: Callable[[str], None] | None = None,
+        on_group: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Time every (case, mode, provider); `providers` filters by name (the baseline always runs).
+    `on_group` gets each finished (case, mode) group at once (see report.Reporter), so a run that is
+    cut short (a timeout on a borrowed GPU, Ctrl-C) keeps what it measured."""
     records = []
     for case in cases:
         meta = {**machine.info(case.device),
@@ -93,9 +111,8 @@ def run(cases: Sequence[Case], modes: Sequence[str], warmup: int, repeats: int,
                 if progress:
                     progress(f"{case.op} {case.shape} {str(case.dtype).removeprefix('torch.')} {mode} {name}")
                 group.append({**meta, **_time_provider(case, name, fn, mode, warmup, repeats)})
-            base = next((r["ms"]["p50"] for r in group if r["provider"] == case.baseline and "ms" in r), None)
-            for rec in group:
-                if base and "ms" in rec:
-                    rec["speedup_vs_" + case.baseline] = base / rec["ms"]["p50"]
+            _compare(group, case.baseline)
+            if on_group:
+                on_group(group)
             records += group
     return records

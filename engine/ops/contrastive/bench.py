@@ -242,7 +242,7 @@ def _matmul_rates(records: list[dict], cases_: list[Case]) -> None:
 
 
 def run(args, device: torch.device) -> int:
-    from engine.bench import markdown, run as run_cases, write_json
+    from engine.bench import Reporter, run as run_cases, write_json
     from engine.cli import _parse_dtypes
 
     modes = args.modes.split(",")
@@ -257,7 +257,8 @@ def run(args, device: torch.device) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     repeats = args.repeats if args.repeats is not None else (3 if cpu else 10)
     wanted = args.providers.split(",") if args.providers else None
-    records = run_cases(all_cases, modes, warmup, repeats, wanted,
+    report = Reporter(args.json)  # streams the timings; the JSON is rewritten below with RSS / mm rates
+    records = run_cases(all_cases, modes, warmup, repeats, wanted, on_group=report,
                         progress=lambda msg: print(f"  timing {msg}", file=sys.stderr, flush=True))
     if cpu:  # peak RSS per record, each in a fresh process; compiling again per process is not worth it
         for rec in records:
@@ -267,7 +268,6 @@ def run(args, device: torch.device) -> int:
                 rec.update(_rss_in_subprocess(rec))
     if not cpu:
         _matmul_rates(records, all_cases)
-    print(markdown(records))
     if not cpu:
         print("\nkfe matmul work vs the measured rate of one (B, D) @ (D, B) torch.mm:\n")
         print("| op | shape | dtype | mode | mm TFLOP/s | kfe executed TFLOP/s | % of mm rate |\n|---|---|---|---|---:|---:|---:|")
