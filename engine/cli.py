@@ -126,7 +126,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="benchmark ops (kfe bench grn)",
                        description="Time fwd / bwd / fwd+bwd of an op's providers; report GB/s, TFLOP/s, "
-                                   "%% of the measured roofline and speedups. Markdown on stdout.")
+                                   "% of the measured roofline and speedups. Markdown on stdout, row by row.")
     p.add_argument("suites", nargs="*", help="what to benchmark (see --list)")
     p.add_argument("--list", action="store_true", help="list the suites")
     p.add_argument("--sizes", help="comma-separated shapes, e.g. 8x56x56x512,8x7x7x4096 (default: per device)")
@@ -134,7 +134,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, bwd, fwd+bwd")
     p.add_argument("--providers", help="only these providers (the reference always runs)")
-    p.add_argument("--warmup", type=int, help="warm-up calls (default 2 on CPU, 10 on GPU)")
-    p.add_argument("--repeats", type=int, help="timed calls (default 10 on CPU, 50 on GPU)")
+    p.add_argument("--warmup", type=int, help="warm-up calls (default per suite: op suites 2 on CPU and 10 on GPU, hog 1 and 10, "
+                                                 "contrastive 1 and 3)")
+    p.add_argument("--repeats", type=int, help="timed calls (default per suite: op suites 10 on CPU and 50 on GPU, hog 5 and 50, "
+                                                  "contrastive 3 and 10)")
     p.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     p.set_defaults(func=bench)
