@@ -72,5 +72,22 @@ def test_cit_on_a_webdataset_pool_with_a_metadata_file(tmp_path):
     with pytest.raises(DataError, match="needs metadata"):
         run("cit", tmp_path / "nometa", "--data", spec, "--steps", "1", "--batch_size", "4")
     (tmp_path / "bad.json").write_text(json.dumps({"not": "a list"}))
-    with pytest.raises(DataError, match="non-empty JSON list"):
+    with pytest.raises(DataError, match="is a JSON object"):
         run("cit", tmp_path / "badmeta", "--metadata", str(tmp_path / "bad.json"), "--steps", "1")
+
+
+def test_cit_bow_captions_are_balanced_with_bow_t():
+    from tests.train.clip_util import TINY
+    from train.dist import DistInfo
+    from train.recipes.cit import RECIPE
+    from train.run import resolve_config
+
+    cfg, _ = resolve_config("cit", overrides=["--data", "shapes", *TINY, "--captions", "bow", "--bow_t", "0.05"])
+    data = RECIPE.build_data(cfg, DistInfo())
+    captioner = RECIPE.build_task(cfg, data, DistInfo()).batches.__self__.captioner
+    bal = captioner.bow.balancer
+    assert bal is not None and bal.t == 0.05 and bal.num_captions == cfg.vocab_samples
+    # a shape name is in ~1 in 4 shapes captions (> t): sub-sampled, as in `kfe train clip`
+    assert bal.keep_probability("circle") < 1
+    batch = {"caption": ["a small red circle"] * 64, "index": torch.arange(64)}
+    assert sum("circle" in t.split() for t in captioner.texts(batch, step=0)) < 64

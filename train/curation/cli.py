@@ -9,6 +9,14 @@ _METACLIP_EPILOG = """\
 pool formats: .jsonl / .jsonl.gz (one JSON object per line), .parquet, WebDataset .tar / .tar.gz
 (.txt member, or the text field of the .json member); PATHS may be files, folders, globs, brace
 patterns (data/{00000..00099}.tar) or shard lists (.txt / .list / .shards, one path per line).
+Unreadable shards are skipped and reported; a pool with no readable shard is an error.
+
+pair ids: the --id-field value must be unique over the whole pool (a pair's balancing coins are a
+function of its id, and curated.jsonl names pairs by it); a repeated id among the matched pairs is
+an error. --id-field '' identifies every pair by <shard path>:<record offset> (always unique).
+
+metadata: a JSON list of strings (when the whole file parses as one), else one entry per line;
+entries are matched exactly as given (surrounding spaces count), blank lines are skipped.
 
 outputs in DIR: curated.jsonl, entry_counts.json, entry_counts_balanced.json, summary.json,
 entry_counts.png; DIR/_work holds per-shard results: rerunning the same command resumes.
@@ -53,10 +61,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True, metavar="DIR", help="output folder")
     m.add_argument("--t", type=float, default=20000, help="balancing threshold (paper: 20k for 400M pairs)")
     m.add_argument("--seed", type=int, default=0, help="balancing seed (default 0)")
-    m.add_argument("--workers", type=int, help="processes per rank (default: cores / local ranks)")
+    m.add_argument("--workers", type=int, help="processes per rank, >= 1 (default: cores / local ranks)")
     m.add_argument("--text-field", default="text", help="text field / column (default: text)")
-    m.add_argument("--id-field", default="id", help="id field; pairs without one are <shard>:<offset> "
-                                                    "(default: id; '' = always shard:offset)")
+    m.add_argument("--id-field", default="id", help="id field, unique over the pool; pairs without one are "
+                                                    "<shard>:<offset> (default: id; '' = always shard:offset)")
     m.add_argument("--batch-size", type=int, default=4096, help="texts matched per call (default 4096)")
     m.add_argument("--backend", choices=["auto", "cpp", "python"], default="auto", help="matcher (default auto)")
     m.add_argument("--fresh", action="store_true", help="discard the results of an earlier run in DIR")

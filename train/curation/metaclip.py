@@ -8,6 +8,12 @@ shards); the per-entry match counts are summed over the pool (all-reduced across
 Pass 2 balances each shard with the global counts (balance.py) and rank 0 concatenates the kept
 pairs in shard order, so the output does not depend on the number of workers or ranks.
 
+Pair ids (the id field, or <shard>:<offset> without one) must be unique over the pool: the balancing
+coins are a function of the id, so two pairs with one id would be kept or dropped together and be
+indistinguishable in curated.jsonl. A repeated id among the matched pairs is a DataError (found in
+pass 1 within a shard, then over the whole pool by the 64-bit id hashes in bounded memory). Unmatched
+pairs never reach the output and are not checked. A pool where no shard can be read is a DataError.
+
 Parallelism: `workers` processes per rank over shards (fork, so the matcher is built once); under
 `torchrun --nproc_per_node=N` (many nodes: DIR on a shared filesystem) rank r takes shards
 r, r + N, ... and counts are all-reduced over gloo.
@@ -35,35 +41,12 @@ from train.curation import pool as _pool
 from train.curation import report as _report
 from train.curation._dist import Dist
 from train.curation.matching import Matcher, OfficialMatcher, match_reference, spacing
+from train.curation.metadata import load_metadata
 from train.curation.pool import DataError
 
 __all__ = ["DataError", "Matcher", "OfficialMatcher", "curate", "load_metadata", "match_reference", "spacing"]
 
 FORMAT_VERSION = 2
-
-
-def load_metadata(path: str) -> list[str]:
-    """Entries from a JSON list of strings, or one entry per line (empty lines skipped, nothing
-    else stripped: entries are matched byte for byte)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise ValueError(f"metadata: cannot read {path!r}: {err}") from None
-    if text.lstrip().startswith("["):
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"metadata {path!r}: invalid JSON list: {err}") from None
-        bad = next((i for i, e in enumerate(entries) if not isinstance(e, str)), None)
-        if bad is not None:
-            raise ValueError(f"metadata {path!r}: entry {bad} is {type(entries[bad]).__name__}, expected a string")
-    else:
-        entries = [line.removesuffix("\r") for line in text.split("\n")]
-        entries = [e for e in entries if e]
-    if not entries:
-        raise ValueError(f"metadata {path!r} has no entries")
-    return entries
 
 
 @dataclass
@@ -124,6 +107,10 @@ def _count_shard(i: int) -> tuple:
         return "error", i, str(err)
     except _pool.UNREADABLE as err:
         return "bad", i, f"{type(err).__name__}: {err}"
+    if len(set(ids)) < len(ids):  # fail fast; _duplicate_ids checks the whole pool after pass 1
+        seen = set()
+        dup = next(x for x in ids if x in seen or seen.add(x))
+        return "error", i, f"{path}: {_DUPLICATE.format(id=dup, where='twice in this shard')}"
     entries = np.concatenate(entries) if entries else np.zeros(0, np.int32)
     uniq, uniq_counts = np.unique(entries, return_counts=True)
     _atomic_npz(_p1_path(job, i), entries=entries.astype(np.int32),
@@ -133,6 +120,47 @@ def _count_shard(i: int) -> tuple:
                 uniq=uniq.astype(np.int64), uniq_counts=uniq_counts.astype(np.int64),
                 stats=np.array([n_pairs, n_null, len(ids)], dtype=np.int64))
     return "ok", i, n_pairs
+
+
+_DUPLICATE = ("pair id {id} occurs {where}: ids must be unique over the whole pool (a pair's balancing coins "
+              "are a function of its id, and curated.jsonl names pairs by it); fix the ids, or identify pairs "
+              "by <shard>:<offset> with --id-field '' (and --fresh)")
+_DUP_BUCKET = 1 << 25  # id hashes held at once by the duplicate check (256 MB)
+
+
+def _duplicate_ids(job: _Job, shards: list[int], n_matched: int, dist: Dist) -> str | None:
+    """Collective: the error message when a pair id occurs twice among the matched pairs of the pool
+    (only they reach the output), else None. The 64-bit id hashes of pass 1 are split by value into
+    buckets of <= _DUP_BUCKET, ranks take every world-th bucket; a repeated hash is confirmed on the
+    id texts (two different ids may share a hash)."""
+    n_buckets = max(dist.world, -(-n_matched // _DUP_BUCKET))
+    found = np.zeros(0, dtype=np.uint64)
+    for b in range(dist.rank, n_buckets, dist.world):
+        part = [h[h % np.uint64(n_buckets) == b] for h in _pass1_arrays(job, shards, "pair_hash")]
+        h = np.sort(np.concatenate(part)) if part else np.zeros(0, dtype=np.uint64)
+        found = np.union1d(found, h[1:][h[1:] == h[:-1]])
+    hits: dict[str, list[int]] = {}  # id -> shards, for the repeated hashes
+    if len(found):
+        for i, h in zip(shards, _pass1_arrays(job, shards, "pair_hash")):
+            rows = np.flatnonzero(np.isin(h, found)).tolist()
+            if rows:
+                with np.load(_p1_path(job, i)) as d:
+                    ids = d["ids"].tobytes().decode("utf-8", "surrogatepass").split("\n")
+                for r in rows:
+                    hits.setdefault(ids[r], []).append(i)
+    dups = {k: v for k, v in hits.items() if len(v) > 1}
+    if not dups:
+        return None
+    pid, where = min(dups.items(), key=lambda kv: kv[1])
+    names = ", ".join(repr(job.shards[i]) for i in sorted(set(where))[:3])
+    more = f"; {len(dups) - 1} more ids are repeated" if len(dups) > 1 else ""
+    return _DUPLICATE.format(id=pid, where=f"{len(where)} times (shards {names}){more}")
+
+
+def _pass1_arrays(job: _Job, shards: list[int], name: str):
+    for i in shards:
+        with np.load(_p1_path(job, i)) as d:
+            yield d[name]
 
 
 def _load_pass1(job: _Job, i: int):
@@ -225,6 +253,8 @@ def curate(metadata, pool, out: str, t: float = 20000, seed: int = 0, workers: i
         raise ValueError(f"t must be > 0, got {t}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 (processes per rank), got {workers}")
     clock = {"start": time.perf_counter()}
     dist = Dist()
     entries = load_metadata(metadata) if isinstance(metadata, (str, os.PathLike)) else list(metadata)
@@ -232,7 +262,7 @@ def curate(metadata, pool, out: str, t: float = 20000, seed: int = 0, workers: i
     job = _Job(shards, os.path.join(out, "_work"), text_field, id_field or None, batch_size, float(t), int(seed))
     job.matcher = Matcher(entries, backend=backend)  # validates the entries (empty metadata -> ValueError)
     clock["build"] = time.perf_counter()
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1) // dist.local_world)
+    workers = workers if workers is not None else max(1, (os.cpu_count() or 1) // dist.local_world)
     mine = [i for i in range(len(shards)) if i % dist.world == dist.rank]
     workers = min(workers, max(1, len(mine)))
     global _JOB
@@ -262,6 +292,12 @@ def curate(metadata, pool, out: str, t: float = 20000, seed: int = 0, workers: i
         counts = dist.all_reduce_sum(counts)
         stats = dist.all_reduce_sum(stats)
         bad = {i: msg for part in dist.all_gather(bad) for i, msg in part.items()}
+        if len(bad) == len(shards):  # e.g. a mistyped path: an empty curation would look like success
+            first = bad[min(bad)]
+            raise DataError(f"no shard of the pool could be read: all {len(shards)} failed, e.g. "
+                            f"{shards[min(bad)]!r}: {first}")
+        ok = [i for i in range(len(shards)) if i not in bad]
+        dist.check(_duplicate_ids(job, ok, int(stats[2]), dist), DataError)
         clock["reduce"] = time.perf_counter()
         # Pass 2: balance every readable shard with the global counts.
         key = hashlib.blake2b(json.dumps([FORMAT_VERSION, job.t, job.seed]).encode() + counts.tobytes(),
@@ -269,6 +305,8 @@ def curate(metadata, pool, out: str, t: float = 20000, seed: int = 0, workers: i
         pass2 = os.path.join(job.work, f"pass2-{key}")
         dist.check(dist.on_rank0(lambda: _start_pass2(job.work, pass2, counts)))
         ok_mine = [i for i in mine if i not in bad]
+        # what every rank did, for the summary (rank 0 writes it)
+        per_rank = dist.all_gather((len(mine) - len(todo), workers))
         results = _run(functools.partial(_balance_shard, pass2=pass2), ok_mine, pool_, "pass 2: balance", progress,
                        len(ok_mine), 0)
         dist.check(next((r[2] for r in results if r[0] == "error"), None))
@@ -279,11 +317,11 @@ def curate(metadata, pool, out: str, t: float = 20000, seed: int = 0, workers: i
             "t": t, "seed": int(seed), "entries": len(entries),
             "shards": {"total": len(shards), "read": len(shards) - len(bad), "unreadable": len(bad)},
             "unreadable_shards": [{"path": shards[i], "error": bad[i]} for i in sorted(bad)],
-            "resumed_shards": len(mine) - len(todo), "workers_per_rank": workers, "world_size": dist.world,
+            "resumed_shards": sum(r for r, _ in per_rank), "workers_per_rank": [w for _, w in per_rank],
+            "world_size": dist.world,
             "matcher_backend": job.matcher.backend, "text_field": text_field, "id_field": id_field,
         }
         if dist.rank == 0:
-            ok = [i for i in range(len(shards)) if i not in bad]
             summary["kept"] = _report.merge(out, pass2, ok, counts, t, summary, clock)
         dist.barrier()
         return summary

@@ -3,7 +3,8 @@
     curated.jsonl               one line per kept pair, in shard order: {"id": ..., "entries": [...]}
     entry_counts.json           match count per entry index over the pool (before balancing)
     entry_counts_balanced.json  the same over the kept pairs (after balancing)
-    summary.json                pool size, matched, kept, t, seed, shards read / unreadable, timings
+    summary.json                pool size, matched, kept, t, seed, shards read / unreadable, timings;
+                                resumed_shards (summed over ranks), workers_per_rank (one per rank)
     entry_counts.png            sorted entry counts, log-log: before balancing; pairs kept by the
                                 entry's own coin (~min(c, t): the paper's flattened head); and kept
                                 pairs containing the entry (a pair kept by a tail entry also counts

@@ -25,7 +25,6 @@ run continues on exactly the same curated batches.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -37,13 +36,14 @@ import torch.nn.functional as F
 from train import checkpoint as ckpt_mod
 from train.config import ConfigError, opt
 from train.curation.cit import CuratedBuffer, metadata_embeddings, select
+from train.curation.metadata import load_metadata
 from train.data import DataError
 from train.dist import DistInfo
 from train.eval import percent, prompts
 from train.recipes.base import Recipe, Task, register
 from train.recipes.clip import SHAPES, ClipConfig, _json, core
-from train.recipes.image_text import (Captioner, ImageTextData, build_model, describe, forward_macs, open_data,
-                                      tokenizer_state, zero_shot_evaluator)
+from train.recipes.image_text import (Captioner, ImageTextData, balancer, build_model, describe, forward_macs,
+                                      open_data, tokenizer_state, zero_shot_evaluator)
 
 
 @dataclass
@@ -67,24 +67,19 @@ class CitConfig(ClipConfig):
     init_image: str = opt("", "run dir or checkpoint whose visual.* weights initialise the vision tower")
 
 
-# shapes: the CLIP preset; the pool is the shapes training split, the metadata its 8 shape names.
+# shapes: the CLIP preset; the pool is the shapes training split, the metadata its class names: the preset
+# labels shapes by colour, so the 8 colour names.
 # 20-step rounds; min_ratio 0.25 keeps rounds short while the random text encoder scores poorly.
 PRESETS = {"shapes": {**SHAPES, "steps": 400, "curate_every": 20, "min_ratio": 0.25, "lr": 0.0,
                       "warmup_steps": 30, "eval_every": 100, "ckpt_every": 100}}
 
 
 def _read_metadata(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise DataError(f"--metadata {path!r}: no such file")
-    with open(path) as f:
-        text = f.read()
+    """The entries of --metadata (train/curation/metadata.py, the loader `kfe curate metaclip` uses)."""
     try:
-        entries = json.loads(text)
-    except ValueError:
-        entries = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
-        raise DataError(f"--metadata {path}: expected a non-empty JSON list of strings or one entry per line")
-    return entries
+        return load_metadata(path)
+    except ValueError as err:
+        raise DataError(f"--metadata: {err}") from None
 
 
 def build_data(cfg: CitConfig, info: DistInfo) -> ImageTextData:
@@ -253,7 +248,7 @@ def build_task(cfg: CitConfig, data: ImageTextData, info: DistInfo) -> Task:
         import models
 
         macs -= 2 / 3 * models.count_flops(meta.visual, (1, 3, cfg.resolution, cfg.resolution))
-    captioner = Captioner(cfg, data.tokenizer, data.file_captions)
+    captioner = Captioner(cfg, data.tokenizer, data.file_captions, balancer(cfg, data))
     curator = Curator(cfg, data, captioner, info)
     zero_shot = zero_shot_evaluator(cfg, data, info)
 

@@ -91,3 +91,44 @@ def test_bad_per_pair():
     expect_error(ValueError, lambda: balance.balance(np.array([0]), np.array([0, 1]), np.zeros(2, np.uint64),
                                                      np.array([1]), 1, 0), "per_pair")
     assert balance.balance(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.uint64), np.array([1]), 1, 0).size == 0
+
+
+def test_uniforms_golden_values():
+    """Pinned: a change of the hash or the coin function changes every curation made with a seed."""
+    hashes = balance.id_hashes(['"pair-0"', '"pair-1"', "17"])  # ids as their canonical JSON text
+    assert hashes.tolist() == [0x14F36DDE6FBDD358, 0x612B8924E001855D, 0xB47B4D8E138D3920]
+    entries = np.array([0, 5, 499999])
+    assert balance.uniforms(0, hashes, entries).tolist() == [0.32109337787770253, 0.294919664909703,
+                                                             0.8193935802595774]
+    assert balance.uniforms(12345, hashes, entries).tolist() == [0.9203409336506645, 0.7592574841456375,
+                                                                 0.9781665439588251]
+    # the same numbers from the documented definition (splitmix64's finaliser), in plain integers
+    mask = (1 << 64) - 1
+
+    def mix(x):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    def uniform(seed, h, e):
+        x = mix(h ^ mix(seed & mask))
+        return (mix((x + (e + 1) * 0x9E3779B97F4A7C15) & mask) >> 11) / 2**53
+
+    for seed in (0, 12345):
+        assert balance.uniforms(seed, hashes, entries).tolist() == [
+            uniform(seed, h, e) for h, e in zip(hashes.tolist(), entries.tolist())]
+
+
+def test_kept_set_is_pinned():
+    """Exact with a fixed seed: the kept pairs of a tiny pool (entry counts 4, 10, 30; t = 5)."""
+    pairs = [[0], [1], [2], [0, 2], [1, 2], [2], [1], [2], [0, 1], [2], [1, 2], [2]]
+    entries = np.concatenate([np.array(p) for p in pairs])
+    per_pair = np.array([len(p) for p in pairs])
+    hashes = balance.id_hashes([f'"pair-{k}"' for k in range(len(pairs))])
+    counts = np.array([4, 10, 30])
+    kept = {seed: np.flatnonzero(balance.balance(entries, per_pair, hashes, counts, 5, seed)).tolist()
+            for seed in (0, 1)}
+    assert kept == {0: [0, 1, 3, 4, 5, 8, 10], 1: [0, 2, 3, 5, 6, 8, 10]}
+    assert {0, 3, 8} <= set(kept[0]) & set(kept[1])  # entry 0 (c = 4 < t) keeps all of its pairs

@@ -63,12 +63,25 @@ def test_outputs_follow_the_definition(pool_dir, baseline):
     assert abs(len(lines) - exp) < 5 * np.sqrt(exp)
 
 
+def test_curated_pairs_are_pinned(tmp_path):
+    """End to end with a fixed seed: ids, entries and the kept set of a tiny pool do not drift."""
+    texts = [f"a dog number {k}" if k % 2 == 0 else f"a cat, {k}" for k in range(16)]
+    texts += ["a red dog.", "red dog", "bird?", "nothing"]
+    shard = pools.write_jsonl(tmp_path / "s.jsonl", [{"id": f"p{k}", "text": t} for k, t in enumerate(texts)])
+    summary = curate(["dog", "cat", "red dog", "bird"], [shard], str(tmp_path / "o"), t=3, seed=7, workers=1)
+    curated, counts, _ = pools.read_out(str(tmp_path / "o"))
+    assert counts == [10, 8, 2, 1] and (summary["matched"], summary["kept"]) == (19, 5)
+    assert curated == ('{"id": "p3", "entries": [1]}\n{"id": "p4", "entries": [0]}\n'
+                       '{"id": "p16", "entries": [0, 2]}\n{"id": "p17", "entries": [0, 2]}\n'
+                       '{"id": "p18", "entries": [3]}\n')
+
+
 def test_worker_count_independence(pool_dir, baseline, tmp_path):
     _, shards, meta = pool_dir
     out = str(tmp_path / "out")
     summary = curate(meta, shards, out, t=15, seed=1, workers=3)
     curated, counts, _ = pools.read_out(out)
-    assert summary["workers_per_rank"] == 3
+    assert summary["workers_per_rank"] == [3] and summary["resumed_shards"] == 0
     assert (curated, counts) == baseline[:2]
 
 
@@ -153,6 +166,54 @@ def test_unreadable_shards_are_skipped_and_reported(pool_dir, tmp_path):
     assert pools.read_out(str(tmp_path / "out"))[0] == pools.read_out(str(tmp_path / "good"))[0]
 
 
+def test_a_pool_with_no_readable_shard_is_an_error(tmp_path, capsys):
+    missing = [str(tmp_path / "p" / "missing.jsonl"), str(tmp_path / "p" / "gone.parquet")]
+    expect_error(DataError, lambda: curate(["a"], missing, str(tmp_path / "o"), workers=1),
+                 "no shard of the pool could be read", "all 2 failed", "missing.jsonl", "FileNotFoundError")
+    (tmp_path / "meta.txt").write_text("a\n")
+    assert main(["curate", "metaclip", "--metadata", str(tmp_path / "meta.txt"), "--pool", missing[0],
+                 "--out", str(tmp_path / "o4"), "--quiet"]) == 2
+    assert "no shard of the pool could be read" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o4" / "curated.jsonl")
+
+
+def test_duplicate_ids_are_an_error(tmp_path, monkeypatch):
+    a = pools.write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "a dog"}, {"id": 2, "text": "a cat"}])
+    b = pools.write_jsonl(tmp_path / "b.jsonl", [{"id": 3, "text": "dog"}, {"id": 2, "text": "cat!"}])
+    twice = pools.write_jsonl(tmp_path / "c.jsonl", [{"id": 4, "text": "dog"}, {"id": 4, "text": "the dog"}])
+    fine = pools.write_jsonl(tmp_path / "d.jsonl", [{"id": 4, "text": "no match"}, {"id": 4, "text": "none"}])
+    meta = ["dog", "cat"]
+    expect_error(DataError, lambda: curate(meta, [a, twice], str(tmp_path / "o1"), workers=1),
+                 "c.jsonl", "pair id 4 occurs twice in this shard", "unique over the whole pool", "--id-field ''")
+    for workers in (1, 2):  # across shards: found after pass 1, whichever process matched them
+        expect_error(DataError, lambda: curate(meta, [a, fine, b], str(tmp_path / f"o{workers}x"), workers=workers),
+                     "pair id 2 occurs 2 times", "a.jsonl", "b.jsonl", "--id-field ''")
+    # with many hash buckets (as a pool larger than one bucket), still found
+    monkeypatch.setattr(metaclip, "_DUP_BUCKET", 1)
+    expect_error(DataError, lambda: curate(meta, [a, b], str(tmp_path / "o3"), workers=1), "pair id 2 occurs 2 times")
+    # repeated ids of unmatched pairs never reach the output; shard:offset ids are unique
+    assert curate(meta, [a, fine], str(tmp_path / "o4"), workers=1)["kept"] == 2
+    assert curate(meta, [a, b, twice], str(tmp_path / "o5"), workers=1, id_field=None)["kept"] == 6
+
+
+def test_distinct_ids_sharing_a_hash_are_not_duplicates(tmp_path, monkeypatch):
+    a = pools.write_jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "a dog"}, {"id": 2, "text": "a cat"}])
+    b = pools.write_jsonl(tmp_path / "b.jsonl", [{"id": 3, "text": "dog"}])
+    monkeypatch.setattr(metaclip._balance, "id_hashes", lambda ids: np.full(len(ids), 7, dtype=np.uint64))
+    assert curate(["dog", "cat"], [a, b], str(tmp_path / "o"), workers=1)["kept"] == 3
+
+
+@pytest.mark.parametrize("workers", [0, -2])
+def test_workers_must_be_positive(tmp_path, capsys, workers):
+    shard = pools.write_jsonl(tmp_path / "s.jsonl", [{"text": "a"}])
+    expect_error(ValueError, lambda: curate(["a"], [shard], str(tmp_path / "o"), workers=workers),
+                 "workers must be >= 1", str(workers))
+    (tmp_path / "meta.txt").write_text("a\n")
+    assert main(["curate", "metaclip", "--metadata", str(tmp_path / "meta.txt"), "--pool", shard, "--out",
+                 str(tmp_path / "o"), "--workers", str(workers), "--quiet"]) == 2
+    assert "workers must be >= 1" in capsys.readouterr().err
+
+
 def test_formats_give_the_same_curation(tmp_path):
     recs = pools.shard_records(TEXTS[:120], 2, with_ids=True)
     meta = ENTRIES
@@ -180,8 +241,8 @@ def test_null_texts_are_counted_not_matched(tmp_path):
     ("", ["has no entries"]),
     ("\n\n", ["has no entries"]),
     ("[]", ["has no entries"]),
-    ('["a", 3]', ["entry 1 is int"]),
-    ("[oops", ["invalid JSON list"]),
+    ('["a", 3]', ["JSON list entry 1 is int"]),
+    ('{"entries": ["a"]}', ["is a JSON object", "one entry per line"]),
 ])
 def test_bad_metadata(tmp_path, metadata, words):
     (tmp_path / "m.txt").write_text(metadata)
@@ -190,8 +251,35 @@ def test_bad_metadata(tmp_path, metadata, words):
 
 
 def test_metadata_one_per_line(tmp_path):
-    (tmp_path / "m.txt").write_text("new york\r\n\ndog \ncat\n")
+    (tmp_path / "m.txt").write_text("new york\r\n\ndog \n \t\ncat\n")  # entries as given; blank lines skipped
     assert metaclip.load_metadata(str(tmp_path / "m.txt")) == ["new york", "dog ", "cat"]
+
+
+@pytest.mark.parametrize("text, entries", [
+    ("[new] york\ndog\n", ["[new] york", "dog"]),     # first entry starts with "[": still one per line
+    ("[1]\n[2]\n", ["[1]", "[2]"]),                    # not one JSON document
+    ('\ufeff[" dog", "cat "]', [" dog", "cat "]),      # JSON: verbatim, after a byte-order mark
+    ("\ufeffdog\ncat", ["dog", "cat"]),
+])
+def test_metadata_formats(tmp_path, text, entries):
+    (tmp_path / "m.txt").write_text(text, encoding="utf-8")
+    assert metaclip.load_metadata(str(tmp_path / "m.txt")) == entries
+
+
+def test_metadata_broken_json_list_is_read_as_lines_with_a_warning(tmp_path):
+    (tmp_path / "m.json").write_text('["dog",\n "cat",\n]')  # trailing comma
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        assert metaclip.load_metadata(str(tmp_path / "m.json")) == ['["dog",', ' "cat",', "]"]
+
+
+def test_cit_reads_metadata_with_the_same_loader(tmp_path):
+    from train.data import DataError as TrainDataError
+    from train.recipes.cit import _read_metadata
+
+    (tmp_path / "m.txt").write_text("[new] york\ndog \n\n")
+    assert _read_metadata(str(tmp_path / "m.txt")) == metaclip.load_metadata(str(tmp_path / "m.txt"))
+    (tmp_path / "e.txt").write_text("\n \n")
+    expect_error(TrainDataError, lambda: _read_metadata(str(tmp_path / "e.txt")), "--metadata", "has no entries")
 
 
 def test_bad_arguments(tmp_path):

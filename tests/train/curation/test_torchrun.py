@@ -31,5 +31,6 @@ def test_two_ranks_match_one_process(tmp_path):
     assert two[:2] == one[:2] and one[0]
     assert {k: two[2][k] for k in pools.STABLE_SUMMARY_KEYS} == {k: one[2][k] for k in pools.STABLE_SUMMARY_KEYS}
     assert two[2]["world_size"] == 2 and two[2]["shards"]["unreadable"] == 1
+    assert two[2]["workers_per_rank"] == [1, 1] and two[2]["resumed_shards"] == 0  # every rank, not rank 0's
     assert "unreadable shard skipped" in proc.stderr
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["kept"] == one[2]["kept"]
