@@ -152,7 +152,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit
         group: a process group: each rank passes its local batch; the features (never logits) are
             all-gathered and this rank's rows are scored against every rank's columns. None: the
             default group when torch.distributed is initialised with world size > 1; False: this
-            process's batch only. Each rank's loss is the mean of its own rows' terms (the global loss
+            process's batch only; anything else raises TypeError. Each rank's loss is the mean of its own rows' terms (the global loss
             is the mean over ranks), so DDP's gradient averaging yields exactly the gradients of the
             single-process loss on the concatenated batch (see dist.py).
 

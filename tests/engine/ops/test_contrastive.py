@@ -266,6 +266,8 @@ BAD_INPUTS = [
      ["logit_bias", "(2,)"]),
     ("bias with clip", lambda i, t, s, b: contrastive_loss(i, t, s, b), ValueError, ["logit_bias", "siglip"]),
     ("kind", lambda i, t, s, b: contrastive_loss(i, t, s, kind="infonce"), ValueError, ["kind", "infonce"]),
+    ("group str", lambda i, t, s, b: contrastive_loss(i, t, s, group="x"), TypeError, ["group", "ProcessGroup", "str"]),
+    ("group True", lambda i, t, s, b: contrastive_loss(i, t, s, group=True), TypeError, ["group", "bool"]),
 ]
 
 
