@@ -367,4 +367,4 @@ def test_gpu_memory_b65536(kind):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
-    assert extra < 2**30, f"{extra / 2**20:.0f} MiB"
+    assert extra < 1e9, f"{extra / 1e6:.0f} MB"  # the issue: "peak extra memory < 1 GB"
