@@ -157,7 +157,10 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit
             single-process loss on the concatenated batch (see dist.py).
 
     Returns a 0-d float32 tensor (float64 for float64 input), differentiable in image, text,
-    logit_scale and logit_bias. A NaN in the inputs gives a NaN loss.
+    logit_scale and logit_bias. Non-finite inputs give a non-finite loss: a NaN anywhere gives NaN; an
+    inf gives NaN or inf (which one depends on the order of operations and may differ between the
+    backends: -inf in image gives inf on the reference path for CLIP and NaN in the Triton kernel). The
+    gradients of a non-finite loss are unspecified (they may be finite, as SigLIP's saturate).
     """
     logit_scale, logit_bias = check(image, text, logit_scale, logit_bias, kind)
     from engine.ops.contrastive import dist
