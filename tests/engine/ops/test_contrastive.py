@@ -224,6 +224,30 @@ def test_compile_fullgraph_no_graph_breaks(kind):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.slow  # inductor compiles C++: ~18 s with a warm FX graph cache, ~25 s cold, on this shared CPU
+def test_compile_inductor_reference_path():
+    # The real compiler (not aot_eager) around the custom op and the in-place clamp, on the CPU path.
+    loss_fn = ContrastiveLoss("siglip")
+    image, text, _, _ = _inputs(12, 16, torch.float32, "siglip")
+
+    def step(image, text):
+        return loss_fn(F.normalize(image * 2, dim=-1), text)
+
+    image.requires_grad_(True)
+    with engine.use_backend("reference"):
+        with torch.no_grad():
+            loss_fn.logit_scale.fill_(6.0)
+        compiled = torch.compile(step, fullgraph=True, backend="inductor")
+        got = compiled(image, text)
+        assert math.isclose(loss_fn.logit_scale.item(), math.log(100), rel_tol=1e-6)
+        got_grads = torch.autograd.grad(got, [image, *loss_fn.parameters()])
+        want = step(image, text)
+        want_grads = torch.autograd.grad(want, [image, *loss_fn.parameters()])
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_flop_formula(kind):
     B, D = 12, 16
