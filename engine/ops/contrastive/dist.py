@@ -24,6 +24,9 @@ def resolve_group(group):
     """The process group to use, or None for a single-process loss (see contrastive_loss's `group`)."""
     if group is False:
         return None
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group must be None (the default process group when initialised), False (this "
+                        f"process only) or a torch.distributed ProcessGroup, got {type(group).__name__}")
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return None

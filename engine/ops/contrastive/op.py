@@ -152,12 +152,15 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit
         group: a process group: each rank passes its local batch; the features (never logits) are
             all-gathered and this rank's rows are scored against every rank's columns. None: the
             default group when torch.distributed is initialised with world size > 1; False: this
-            process's batch only. Each rank's loss is the mean of its own rows' terms (the global loss
+            process's batch only; anything else raises TypeError. Each rank's loss is the mean of its own rows' terms (the global loss
             is the mean over ranks), so DDP's gradient averaging yields exactly the gradients of the
             single-process loss on the concatenated batch (see dist.py).
 
     Returns a 0-d float32 tensor (float64 for float64 input), differentiable in image, text,
-    logit_scale and logit_bias. A NaN in the inputs gives a NaN loss.
+    logit_scale and logit_bias. Non-finite inputs give a non-finite loss: a NaN anywhere gives NaN; an
+    inf gives NaN or inf (which one depends on the order of operations and may differ between the
+    backends: -inf in image gives inf on the reference path for CLIP and NaN in the Triton kernel). The
+    gradients of a non-finite loss are unspecified (they may be finite, as SigLIP's saturate).
     """
     logit_scale, logit_bias = check(image, text, logit_scale, logit_bias, kind)
     from engine.ops.contrastive import dist

@@ -1,9 +1,11 @@
 """Run by test_contrastive_dist.py under `torchrun --nproc_per_node=2` (gloo, CPU).
 
 Trains one step of a tiny two-tower model under DDP with the distributed contrastive loss and, on
-rank 0, the same model on the concatenated global batch in one process; saves both gradients.
+rank 0, the same model on the concatenated global batch in one process; saves both gradients. Then
+every rank calls the loss with a different batch size and writes the error it got to uneven.rank{k}.txt.
 """
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -79,7 +81,9 @@ def main(path: str) -> None:
     results = {f"{kind}-{backend}-{'group' if explicit else 'default'}": one_case(kind, backend, explicit)
                for kind in ("clip", "siglip") for backend in ("reference", "triton")
                for explicit in ((False, True) if backend == "reference" else (False,))}
-    results["uneven"] = uneven_batches_raise()
+    # Every rank must raise (a rank that went on would hang in the feature gather): each writes its own
+    # message next to the results file.
+    Path(path).with_name(f"uneven.rank{dist.get_rank()}.txt").write_text(uneven_batches_raise())
     if dist.get_rank() == 0:
         torch.save(results, path)
     dist.destroy_process_group()

@@ -63,3 +63,59 @@ def test_cli_times_and_measures_peak_rss(tmp_path, capsys):
         assert "error" not in r and "rss_error" not in r, r
         assert r["peak_rss_mb"] > 50 and 0 <= r["peak_mem_mb"] < r["peak_rss_mb"] and r["flops"] == 6 * 96 * 96 * 16
     assert "| contrastive-clip | 96x16 | fwd+bwd | kfe |" in out
+
+
+class _FakeClipLoss(torch.nn.Module):
+    """open_clip.loss.ClipLoss's constructor and call signature (mlfoundations/open_clip src/open_clip/loss.py;
+    no **kwargs, so a call open_clip would reject fails here too), world size 1, written out independently."""
+
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False):
+        super().__init__()
+        _FakeClipLoss.calls += 1
+
+    def forward(self, image_features, text_features, logit_scale, output_dict=False):
+        labels = torch.arange(image_features.shape[0])
+        per_image = logit_scale * image_features @ text_features.T
+        loss = (torch.nn.functional.cross_entropy(per_image, labels) +
+                torch.nn.functional.cross_entropy(per_image.T, labels)) / 2
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class _FakeSigLipLoss(torch.nn.Module):
+    """open_clip.loss.SigLipLoss's signature (logit_bias is a required positional argument of forward)."""
+
+    def __init__(self, cache_labels=False, rank=0, world_size=1, bidir=True, use_horovod=False):
+        super().__init__()
+        _FakeSigLipLoss.calls += 1
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        B = image_features.shape[0]
+        signs = 2 * torch.eye(B, dtype=image_features.dtype) - 1
+        loss = -torch.nn.functional.logsigmoid(signs * (logit_scale * image_features @ text_features.T + logit_bias))
+        loss = loss.sum() / B
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def test_open_clip_provider_calls_its_real_signatures(monkeypatch):
+    # open_clip is not installed here: a stand-in module with ClipLoss / SigLipLoss's real signatures checks
+    # how bench._open_clip constructs and calls them, and that the provider is timed alongside kfe.
+    import sys
+    import types
+
+    package, module = types.ModuleType("open_clip"), types.ModuleType("open_clip.loss")
+    module.ClipLoss, module.SigLipLoss, package.loss = _FakeClipLoss, _FakeSigLipLoss, module
+    _FakeClipLoss.calls = _FakeSigLipLoss.calls = 0
+    monkeypatch.setitem(sys.modules, "open_clip", package)
+    monkeypatch.setitem(sys.modules, "open_clip.loss", module)
+    cpu = torch.device("cpu")
+    for kind in bench.KINDS:
+        fns, _ = bench.providers(kind, 24, torch.float32, cpu)
+        assert "open_clip" in fns
+        inputs = bench.make_inputs(kind, 24, 16, torch.float32, cpu)
+        torch.testing.assert_close(fns["open_clip"](*inputs), fns["kfe"](*inputs), rtol=1e-5, atol=1e-5)
+    assert _FakeClipLoss.calls == 1 and _FakeSigLipLoss.calls == 1
+    cases = bench.cases(cpu, [(24, 16)], [torch.float32])
+    records = core.run(cases, ["fwd+bwd"], warmup=0, repeats=1, providers=["open_clip"])
+    assert {r["op"] for r in records if r["provider"] == "open_clip"} == {"contrastive-clip", "contrastive-siglip"}
+    assert all("error" not in r for r in records), records

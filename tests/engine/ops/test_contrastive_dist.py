@@ -22,7 +22,7 @@ def ddp_results(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return torch.load(out)
+    return {**torch.load(out), "dir": out.parent}
 
 
 CASES = [f"{k}-{b}-default" for k in ("clip", "siglip") for b in ("reference", "triton")] + \
@@ -43,4 +43,8 @@ def test_ddp_gradients_equal_single_process_on_global_batch(ddp_results, case):
 
 
 def test_uneven_batches_raise_on_every_rank(ddp_results):
-    assert "every rank" in ddp_results["uneven"] and "(3, 16)" in ddp_results["uneven"]
+    for rank in range(2):  # rank k passes 3 + k rows
+        path = ddp_results["dir"] / f"uneven.rank{rank}.txt"
+        assert path.exists(), f"rank {rank} reported nothing"
+        message = path.read_text()
+        assert "every rank" in message and "(3, 16)" in message and "(4, 16)" in message, f"rank {rank}: {message}"
