@@ -128,3 +128,61 @@ def test_vit_train_step_and_compile():
     assert model.pos_embed.grad is None  # MAE's fixed sin-cos table
     compiled = torch.compile(model.eval(), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# ---- attention without key bias (long-sequence MAE's --no_k_bias_in_vit; BEiT) ----
+
+def test_attention_without_key_bias_layout_function_and_grads(monkeypatch):
+    import engine.nn.attention as mod
+    from engine.nn import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, k_bias=False)
+    assert set(attn.state_dict()) == {"qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias"}  # long_seq_mae keys
+    for p in (attn.q_bias, attn.v_bias):
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 5, 16)
+    qkv = torch.nn.functional.linear(x, attn.qkv.weight)  # the keys: x @ Wk^T with no bias at all
+    k = qkv[..., 16:32]
+    seen, real = [], mod.attention
+    monkeypatch.setattr(mod, "attention", lambda q_, k_, v_, causal: seen.append(k_) or real(q_, k_, v_, causal=causal))
+    out = attn(x)
+    torch.testing.assert_close(seen[0].transpose(1, 2).reshape(2, 5, 16), k)  # what attention got as keys
+    # Same function as a packed-bias Attention whose k third is zero.
+    packed = Attention(16, 2)
+    packed.load_state_dict(attn.state_dict())   # q_bias / v_bias merged into qkv.bias with a zero k part
+    torch.testing.assert_close(packed.qkv.bias[16:32], torch.zeros(16))
+    torch.testing.assert_close(packed(x), out)
+    out.square().sum().backward()
+    assert attn.q_bias.grad.abs().sum() > 0 and attn.v_bias.grad.abs().sum() > 0
+    # ... and back: a timm/MAE-style qkv.bias with a zero k third loads; a non-zero one is refused.
+    fresh = Attention(16, 2, k_bias=False)
+    fresh.load_state_dict(packed.state_dict())
+    torch.testing.assert_close(fresh(x), out)
+    bad = packed.state_dict()
+    bad["qkv.bias"][20] = 1.0
+    with pytest.raises(ValueError, match="non-zero key bias"):
+        fresh.load_state_dict(bad)
+
+
+def test_vit_mae_maskfeat_take_k_bias():
+    vit = _meta("vit_base_patch16", num_classes=0, k_bias=False)
+    keys = vit.state_dict().keys()
+    assert "blocks.0.attn.q_bias" in keys and "blocks.11.attn.v_bias" in keys and "blocks.0.attn.qkv.bias" not in keys
+    assert sum(p.numel() for p in vit.parameters() if p.requires_grad) == 85_647_360 - 12 * 768  # no k bias
+    mae = _tiny_mae(k_bias=False)
+    keys = mae.state_dict().keys()
+    assert "blocks.0.attn.q_bias" in keys and "decoder_blocks.0.attn.v_bias" in keys  # as long_seq_mae: both
+    assert not any(k.endswith("qkv.bias") for k in keys)
+    loss, _, _ = mae(torch.randn(2, 3, 64, 64))
+    loss.backward()
+    assert mae.blocks[0].attn.q_bias.grad is not None
+    no_bias = _tiny_mae(qkv_bias=False).state_dict()
+    assert not any(k.endswith(("qkv.bias", "q_bias", "v_bias")) for k in no_bias) and "blocks.0.attn.proj.bias" in no_bias
+    mf = models.create_model("maskfeat_vit_small", img_size=32, depth=1, k_bias=False)
+    assert "blocks.0.attn.q_bias" in mf.state_dict()
+    # a long_seq_mae-layout encoder loads into the plain ViT for fine-tuning (k part zero)
+    plain = models.create_model("vit_base_patch16", img_size=64, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    missing, unexpected = plain.load_state_dict(mae.state_dict(), strict=False)
+    assert not missing and "blocks.0.attn.q_bias" not in unexpected
+    torch.testing.assert_close(plain.blocks[0].attn.qkv.bias[32:64], torch.zeros(32))
