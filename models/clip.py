@@ -176,11 +176,16 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(logits, target)
 
 
+# SLIP's vision towers (facebookresearch/SLIP models.py): ViT-S/16 is timm's `vit_small_mocov3_patch16_224`,
+# width 384 with 12 heads of 32 (MoCo v3's ViT-S), not DeiT's 6; ViT-B/L are timm's base / large.
+VISION = {**VIT_VARIANTS, "small": {**VIT_VARIANTS["small"], "num_heads": 12}}
+
+
 def _register(kind: str, size: str) -> None:
     cls = CLIP if kind == "clip" else SLIP
 
     def build(**kw):
-        vision = {**VIT_VARIANTS[size], "patch_size": 16, **kw.pop("vision", {})}
+        vision = {**VISION[size], "patch_size": 16, **kw.pop("vision", {})}
         return cls(vision=vision, **kw)
     build.__name__ = f"{kind}_vit_{size}_patch16"
     register_model(build)
