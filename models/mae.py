@@ -39,6 +39,8 @@ def random_masking(B: int, grid: tuple[int, int], ratio: float, unit: int = 1, d
     random score, and K = int(L * (1 - ratio)) rounded down to whole units, so kept patches always
     form whole units.
     """
+    if not 0.0 <= ratio < 1.0:  # 1 would remove every token; > 1 or < 0 would make keep meaningless
+        raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
     gh, gw = grid
     L = gh * gw
     if gh % unit or gw % unit:
@@ -61,11 +63,17 @@ class MaskedAutoencoderViT(VisionTransformer):
                  k_bias: bool = True):
         super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
                          k_bias=k_bias)
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.norm_pix_loss, self.mask_ratio, self.in_chans = norm_pix_loss, mask_ratio, in_chans
         mask_unit = mask_unit or patch_size  # in pixels; a multiple of the patch size
         if mask_unit % patch_size:
             raise ValueError(f"mask_unit ({mask_unit} px) must be a multiple of patch_size ({patch_size})")
         self.unit = mask_unit // patch_size
+        gh, gw = self.patch_embed.grid
+        if gh % self.unit or gw % self.unit:
+            raise ValueError(f"mask_unit ({mask_unit} px = {self.unit}x{self.unit} patches) must tile the "
+                             f"{gh}x{gw} patch grid of img_size {img_size} with patch_size {patch_size}")
         L = self.patch_embed.num_patches
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
