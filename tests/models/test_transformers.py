@@ -63,9 +63,18 @@ def test_mae_encoder_sees_exactly_the_kept_tokens():
     torch.manual_seed(0)
     model = _tiny_mae()
     seen = []
-    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
-    loss, pred, mask = model(torch.randn(3, 3, 64, 64), mask_ratio=0.75)
-    assert seen == [(3, 1 + 4, 32)]  # 16 patches, 4 kept, plus cls
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x = torch.randn(3, 3, 64, 64)
+    torch.manual_seed(5)
+    loss, pred, mask = model(x, mask_ratio=0.75)
+    assert [t.shape for t in seen] == [(3, 1 + 4, 32)]  # 16 patches, 4 kept, plus cls
+    torch.manual_seed(5)                                 # the same draw: which tokens, in which order
+    ids_keep, _, _ = random_masking(3, (4, 4), 0.75, device=x.device)
+    tokens = model.embed(x)                              # (3, 16, 32) patch tokens + positions
+    torch.testing.assert_close(seen[0][:, 1:], torch.stack([tokens[b, ids_keep[b]] for b in range(3)]))
+    torch.testing.assert_close(seen[0][:, 0], (model.cls_token + model.pos_embed[:, :1])[0].expand(3, -1))
+    kept = mask == 0
+    assert torch.equal(kept, torch.zeros(3, 16, dtype=torch.bool).scatter_(1, ids_keep, True))
     assert pred.shape == (3, 16, 16 * 16 * 3) and torch.equal(mask.sum(1), torch.full((3,), 12.0))
     loss.backward()
     assert model.mask_token.grad is not None and model.patch_embed.proj.weight.grad.abs().sum() > 0
@@ -101,6 +110,46 @@ def test_long_sequence_mae_mask_unit():
     assert ((grid.sum(-1) == 0) | (grid.sum(-1) == 4)).all() and torch.isfinite(loss)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         models.create_model("mae_vit_base", img_size=128, mask_unit=24)
+
+
+def test_mae_argument_checks():
+    with pytest.raises(ValueError, match="mask_unit .* must tile the 6x6 patch grid"):
+        _tiny_mae_at(96, mask_unit=64)                  # 4x4-patch units on a 6x6 grid
+    _tiny_mae_at(96, mask_unit=48)                      # 3x3 units tile it
+    for bad in (1.5, 1.0, -0.1):
+        with pytest.raises(ValueError, match="mask_ratio must be in"):
+            _tiny_mae(mask_ratio=bad)
+    model = _tiny_mae()
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        model(torch.randn(1, 3, 64, 64), mask_ratio=1.5)
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        random_masking(1, (4, 4), 1.0)
+
+
+def _tiny_mae_at(img_size, **kw):
+    return models.create_model("mae_vit_base", img_size=img_size, embed_dim=32, depth=1, num_heads=2,
+                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **kw)
+
+
+def test_mae_and_dit_compile_fullgraph():
+    torch.manual_seed(0)
+    mae = _tiny_mae(mask_unit=32)
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(mae, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    got = compiled(x)
+    torch.manual_seed(3)                                 # the same random mask
+    want = mae(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    got[0].backward()
+    assert mae.patch_embed.proj.weight.grad.abs().sum() > 0
+    dit = models.create_model("dit_s_4", input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=10).eval()
+    for p in dit.parameters():                           # off the adaLN-Zero start, so the output is not 0
+        torch.nn.init.normal_(p, std=0.05)
+    z, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([3, 10])
+    compiled = torch.compile(dit, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(z, t, y), dit(z, t, y), rtol=1e-4, atol=1e-5)
 
 
 def test_dit_starts_as_zero_and_cfg_halves_agree():
