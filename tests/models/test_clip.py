@@ -99,3 +99,22 @@ def test_vision_tower_heads_are_slips():
             assert (visual.embed_dim, len(visual.blocks), attn.num_heads) == (width, depth, heads), (kind, size)
     with torch.device("meta"):  # the plain ViT-S stays DeiT's / timm's vit_small_patch16_224: 6 heads
         assert models.create_model("vit_small_patch16").blocks[0].attn.num_heads == 6
+
+
+def test_bad_token_ids_raise():
+    import pytest
+
+    model = _tiny(eot_token_id=7).eval()
+    ok = torch.tensor([[3, 4, 7, 0], [5, 7, 1, 2]])
+    model.encode_text(ok)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 50\].*vocab_size"):
+        model.encode_text(torch.tensor([[3, 50, 7, 0]]))          # id == vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.encode_text(torch.tensor([[3, -1, 7, 0]]))
+    with pytest.raises(ValueError, match=r"rows \[1\] have no end-of-text token \(eot_token_id=7\)"):
+        model.encode_text(torch.tensor([[3, 4, 7, 0], [5, 6, 1, 2]]))  # would pool position 0
+    with pytest.raises(TypeError, match="integer token ids"):
+        model.encode_text(ok.float())
+    # the value checks run eagerly only: the compiled text tower stays one graph
+    compiled = torch.compile(model.encode_text, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ok), model.encode_text(ok))
