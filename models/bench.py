@@ -4,19 +4,24 @@ One step = forward + loss + backward + AdamW step on one batch held on the devic
 timed after warm-up (which absorbs torch.compile's compilation; the first step's time is reported as
 `first s`) as the median of repeats (CUDA events on a GPU). Losses: cross-entropy on random labels for
 classifiers, the model's own loss for MAE-style models (forward -> (loss, ...)), epsilon MSE at random
-timesteps / labels for DiT, the contrastive loss on random tokens for CLIP.
+timesteps / labels for DiT, the contrastive loss on random tokens for CLIP, and for MaskFeat the MSE
+against the HOG of the masked tokens of a fixed block-wise mask (clips (B, 3, T, H, W) when the model
+takes video, e.g. --model-kwargs '{"num_frames": 4}'; the HOG targets are part of the step).
 
 Providers (`--providers` picks some; default: all that apply, without the compile ones on the CPU,
 where inductor's C++ build of a training step takes minutes on a small machine):
   eager, compile              the KFE model as built / under torch.compile (inductor)
   eager-cl, compile-cl        channels-last weights and input (convolutional models: ConvNeXt)
-  timm, timm-compile          timm.create_model(NAME) under the same settings, when timm is importable and
-                              knows NAME (otherwise the row says why it was skipped)
+  timm, timm-compile          timm's model of the same architecture under the same settings, when timm is
+                              importable and has one (otherwise the row says why it was skipped): ConvNeXt
+                              and ConvNeXt V2 names are timm's, vit_<size>_patch<p> is timm's
+                              vit_<size>_patch<p>_224 built at --img-size; MAE, FCMAE, MaskFeat, CLIP /
+                              SLIP and DiT have no timm peer (see timm_name)
 Models: the names given (default: convnextv2_atto on the CPU; convnextv2_base and dit_xl_2 on a GPU).
 Settings: --batch B, --img-size S (for DiT: the latent side, 32 = 256 px images), --dtype bfloat16 (bf16
 autocast; the default on a GPU) or float32 (the CPU default), --model-kwargs JSON (create_model
 overrides), --warmup / --repeats, --json PATH. TFLOP/s counts useful FLOPs: 2 x models.count_flops MACs
-per image, x3 for forward + backward; MFU divides by the datasheet bf16 peak of engine.bench.machine.SPEC
+per image, x3 for forward + backward (models whose forward needs values, FCMAE, are counted by a CPU run); MFU divides by the datasheet bf16 peak of engine.bench.machine.SPEC
 (known GPUs only).
 """
 from __future__ import annotations
@@ -62,6 +67,10 @@ def make_inputs(model: nn.Module, batch: int, res: int, device, seed: int = 0) -
         t = torch.randint(0, 1000, (batch,), generator=g)
         y = torch.randint(0, model.num_classes, (batch,), generator=g)
         return tuple(v.to(device) for v in (x, t, y))
+    if hasattr(model, "forward_target"):  # MaskFeat: images or clips, and block-wise masks (B, L)
+        frames = (model.num_frames,) if model.num_frames > 1 else ()
+        x = torch.randn(batch, 3, *frames, res, res, generator=g).to(device)
+        return x, model.random_mask(batch, generator=g, device=device)
     x = torch.randn(batch, 3, res, res, generator=g).to(device)
     if hasattr(model, "encode_text"):  # CLIP: images and random token ids
         text = torch.randint(0, model.vocab_size, (batch, model.context_length), generator=g)
@@ -76,6 +85,9 @@ def loss_of(model: nn.Module, inputs: tuple) -> torch.Tensor:
         return out[:, : inputs[0].shape[1]].float().square().mean()  # eps MSE against a zero target
     if hasattr(model, "encode_text"):
         return model.clip_loss(model(*inputs))
+    if hasattr(model, "forward_target"):  # MaskFeat: dense predictions; HOG targets of the masked tokens
+        x, mask = inputs
+        return model.forward_loss(model(x, mask), model.forward_target(x, mask), mask)
     out = model(*inputs)
     if isinstance(out, (tuple, list)):   # MAE-style: (loss, pred, mask)
         return out[0]
@@ -87,15 +99,30 @@ def loss_of(model: nn.Module, inputs: tuple) -> torch.Tensor:
     raise ValueError(f"cannot make a training loss from a {type(out).__name__} of shape {tuple(out.shape)}")
 
 
-def _timm(name: str, device, channels_last: bool):
-    """timm's model of the same name, or the reason there is none."""
+def timm_name(name: str, res: int) -> tuple[str | None, dict]:
+    """timm's name for the same architecture and its create_model kwargs at input side `res`, or
+    (None, {}) when timm has none. ConvNeXt / ConvNeXt V2 share our names; timm names a ViT by its
+    pre-training resolution (vit_base_patch16 -> vit_base_patch16_224) and builds it at any img_size.
+    The pre-training models (MAE, FCMAE, MaskFeat, CLIP / SLIP) and DiT are not in timm."""
+    if name.startswith(("convnext_", "convnextv2_")):
+        return name, {}
+    if name.startswith("vit_"):
+        return f"{name}_224", {"img_size": res}
+    return None, {}
+
+
+def _timm(name: str, device, channels_last: bool, res: int):
+    """timm's model of the same architecture, or the reason there is none."""
+    peer, kwargs = timm_name(name, res)
+    if peer is None:
+        return None, f"timm has no peer of {name!r}"
     try:
         import timm
     except ImportError:
         return None, "timm is not installed"
-    if name not in timm.list_models(name):
-        return None, f"timm has no model {name!r}"
-    model = timm.create_model(name).to(device)
+    if peer not in timm.list_models(peer):
+        return None, f"timm has no model {peer!r}"
+    model = timm.create_model(peer, **kwargs).to(device)
     return (model.to(memory_format=torch.channels_last) if channels_last else model), ""
 
 
@@ -107,7 +134,7 @@ def measure(name: str, provider: str, batch: int, res: int, device: torch.device
     cl = provider.endswith("-cl")
     if provider.startswith("timm"):
         probe = build(name, res, overrides, "meta")
-        model, why = _timm(name, device, is_conv(probe))
+        model, why = _timm(name, device, is_conv(probe), res)
         if model is None:
             return {**rec, "skipped": why}
         cl = is_conv(probe)

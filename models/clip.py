@@ -123,11 +123,30 @@ class CLIP(nn.Module):
         projection (what CiT scores pool texts with)."""
         if text.shape[1] > self.context_length:
             raise ValueError(f"text has {text.shape[1]} tokens; the context length is {self.context_length}")
+        if not torch.compiler.is_compiling():  # value checks sync and would break a compiled graph: eager only
+            self.check_token_ids(text)
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, N, W)
         x = self.ln_final(self.transformer(x))
         # OpenAI's tokenizer gives EOT the largest id (argmax); other tokenizers name theirs.
         eot = text.argmax(dim=-1) if self.eot_token_id is None else (text == self.eot_token_id).int().argmax(-1)
         return x[torch.arange(x.shape[0], device=x.device), eot]
+
+    def check_token_ids(self, text: torch.Tensor) -> None:
+        """ValueError for ids outside [0, vocab_size) and, when eot_token_id is set, rows without it
+        (argmax over no match would silently pool position 0)."""
+        if text.dtype.is_floating_point or text.dtype == torch.bool:
+            raise TypeError(f"text must hold integer token ids, got {text.dtype}")
+        if text.numel() == 0 or text.device.type == "meta":  # meta (FLOP counting): no values to check
+            return
+        lo, hi = torch.aminmax(text)
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"text holds token ids in [{int(lo)}, {int(hi)}]; the vocabulary is "
+                             f"[0, {self.vocab_size}) (vocab_size)")
+        if self.eot_token_id is not None:
+            missing = (~(text == self.eot_token_id).any(dim=-1)).nonzero().flatten()
+            if missing.numel():
+                raise ValueError(f"text rows {missing[:8].tolist()} have no end-of-text token "
+                                 f"(eot_token_id={self.eot_token_id}) to pool at")
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image_embed": F.normalize(self.encode_image(image), dim=-1),
@@ -176,11 +195,16 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(logits, target)
 
 
+# SLIP's vision towers (facebookresearch/SLIP models.py): ViT-S/16 is timm's `vit_small_mocov3_patch16_224`,
+# width 384 with 12 heads of 32 (MoCo v3's ViT-S), not DeiT's 6; ViT-B/L are timm's base / large.
+VISION = {**VIT_VARIANTS, "small": {**VIT_VARIANTS["small"], "num_heads": 12}}
+
+
 def _register(kind: str, size: str) -> None:
     cls = CLIP if kind == "clip" else SLIP
 
     def build(**kw):
-        vision = {**VIT_VARIANTS[size], "patch_size": 16, **kw.pop("vision", {})}
+        vision = {**VISION[size], "patch_size": 16, **kw.pop("vision", {})}
         return cls(vision=vision, **kw)
     build.__name__ = f"{kind}_vit_{size}_patch16"
     register_model(build)

@@ -5,6 +5,8 @@ The encoder is the ViT of models/vit.py and sees only the kept tokens; a light d
 8 blocks, 16 heads) fills in mask tokens and predicts pixels; the loss is the MSE of (per-patch
 normalised) pixels on the removed patches. Keys follow facebookresearch/mae (encoder keys as in ViT,
 `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks`, `decoder_norm`, `decoder_pred`).
+k_bias=False is the long-sequence MAE's attention without key bias (`--no_k_bias_in_vit`): q and v
+biases only, in encoder and decoder (keys `attn.q_bias`, `attn.v_bias`; see engine.nn.Attention).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def random_masking(B: int, grid: tuple[int, int], ratio: float, unit: int = 1, d
     random score, and K = int(L * (1 - ratio)) rounded down to whole units, so kept patches always
     form whole units.
     """
+    if not 0.0 <= ratio < 1.0:  # 1 would remove every token; > 1 or < 0 would make keep meaningless
+        raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
     gh, gw = grid
     L = gh * gw
     if gh % unit or gw % unit:
@@ -55,19 +59,28 @@ class MaskedAutoencoderViT(VisionTransformer):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_pix_loss: bool = True,
-                 mask_ratio: float = 0.75, mask_unit: int | None = None):
-        super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio)
+                 mask_ratio: float = 0.75, mask_unit: int | None = None, qkv_bias: bool = True,
+                 k_bias: bool = True):
+        super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+                         k_bias=k_bias)
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.norm_pix_loss, self.mask_ratio, self.in_chans = norm_pix_loss, mask_ratio, in_chans
         mask_unit = mask_unit or patch_size  # in pixels; a multiple of the patch size
         if mask_unit % patch_size:
             raise ValueError(f"mask_unit ({mask_unit} px) must be a multiple of patch_size ({patch_size})")
         self.unit = mask_unit // patch_size
+        gh, gw = self.patch_embed.grid
+        if gh % self.unit or gw % self.unit:
+            raise ValueError(f"mask_unit ({mask_unit} px = {self.unit}x{self.unit} patches) must tile the "
+                             f"{gh}x{gw} patch grid of img_size {img_size} with patch_size {patch_size}")
         L = self.patch_embed.num_patches
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
-                                            for _ in range(decoder_depth))
+        # k_bias applies to the decoder too: long_seq_mae swaps timm's Attention for both.
+        self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias,
+                                                  k_bias=k_bias) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
         if self.pos_embed.device.type != "meta":

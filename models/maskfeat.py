@@ -82,9 +82,9 @@ class MaskFeatViT(VisionTransformer):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.0, pos_embed: str = "learned", num_frames: int = 1, t_patch: int = 2,
                  mask_ratio: float = 0.4, video_mask: str = "cube", nbins: int = 9, cell: int = 8,
-                 gaussian_window: int = 0):
+                 gaussian_window: int = 0, k_bias: bool = True):
         super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
-                         drop_path_rate, pos_embed)
+                         drop_path_rate, pos_embed, k_bias)
         if img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
         if patch_size % cell:

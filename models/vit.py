@@ -47,10 +47,10 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, act: type[nn.Module] = nn.GELU):
+                 drop_path: float = 0.0, act: type[nn.Module] = nn.GELU, k_bias: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, k_bias=k_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
@@ -72,9 +72,12 @@ def init_transformer(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
+    """ViT. k_bias=False: attention with q and v biases but none on k (engine.nn.Attention)."""
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.0, pos_embed: str = "sincos"):
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0, pos_embed: str = "sincos",
+                 k_bias: bool = True):
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
@@ -84,7 +87,7 @@ class VisionTransformer(nn.Module):
         L = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim), requires_grad=pos_embed == "learned")
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, k_bias=k_bias) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init(pos_embed)

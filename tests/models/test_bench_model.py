@@ -50,12 +50,51 @@ def test_flops_are_three_forwards():
     ("dit_s_4", {"hidden_size": 32, "depth": 1, "num_heads": 2, "num_classes": 10}, 16),
     ("mae_vit_base", {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32,
                       "decoder_depth": 1, "decoder_num_heads": 2}, 32),
-    ("vit_small_patch16", {"embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}, 32)])
+    ("vit_small_patch16", {"embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}, 32),
+    ("maskfeat_vit_small", {"embed_dim": 32, "depth": 1, "num_heads": 2}, 32),
+    ("maskfeat_vit_small", {"embed_dim": 32, "depth": 1, "num_heads": 2, "num_frames": 4}, 32)])   # video
 def test_other_families_train_one_step(name, kwargs, res):
     rec = bench.measure(name, "eager", 2, res, torch.device("cpu"), False, 0, 1, kwargs)
     assert rec["images_per_s"] > 0 and rec["params_m"] > 0
-    assert bench.train_flops_per_image(name, res, kwargs) > 0
+    flops = bench.train_flops_per_image(name, res, kwargs)
+    assert flops > 0
+    if name.startswith("maskfeat"):  # the dense forward on one masked image / clip, x3, 2 FLOPs per MAC
+        import models
+
+        model = bench.build(name, res, kwargs)
+        assert flops == 6 * models.count_flops(model, inputs=bench.make_inputs(model, 1, res, "cpu"), device="cpu")
     assert bench.providers_for(name, None, torch.device("cpu")) == ["eager", "timm"]   # not a conv net
+
+
+def test_maskfeat_loss_is_the_masked_hog_mse():
+    model = bench.build("maskfeat_vit_small", 32, {"embed_dim": 32, "depth": 1, "num_heads": 2, "num_frames": 4})
+    x, mask = bench.make_inputs(model, 2, 32, "cpu")
+    assert x.shape == (2, 3, 4, 32, 32) and mask.shape == (2, 2 * 2 * 2) and mask.dtype == torch.bool
+    assert mask.sum() > 0
+    torch.testing.assert_close(bench.loss_of(model, (x, mask)), model.loss(x, mask)[0])
+
+
+def test_fcmae_reports_tflops(tmp_path):
+    out = tmp_path / "bench.json"
+    kw = '{"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "decoder_embed_dim": 16}'
+    assert kfe_main(["bench", "model", "fcmae_convnextv2_atto", "--batch", "2", "--img-size", "64", "--model-kwargs",
+                     kw, "--providers", "eager", "--warmup", "1", "--repeats", "1", "--json", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())
+    import models
+
+    model = bench.build("fcmae_convnextv2_atto", 64, json.loads(kw))
+    assert rec["train_flops_per_image"] == 6 * models.fcmae.macs(model, 64) and rec["tflops"] > 0
+
+
+def test_timm_peer_names():
+    assert bench.timm_name("convnextv2_base", 224) == ("convnextv2_base", {})
+    assert bench.timm_name("convnext_tiny", 64) == ("convnext_tiny", {})
+    assert bench.timm_name("vit_base_patch16", 64) == ("vit_base_patch16_224", {"img_size": 64})
+    assert bench.timm_name("vit_huge_patch14", 224) == ("vit_huge_patch14_224", {"img_size": 224})
+    for name in ("mae_vit_base", "fcmae_convnextv2_atto", "maskfeat_vit_base", "clip_vit_base_patch16", "dit_xl_2"):
+        assert bench.timm_name(name, 224) == (None, {}), name
+    rec = bench.measure("dit_s_8", "timm", 2, 16, torch.device("cpu"), False, 0, 1, {"num_classes": 10})
+    assert rec["skipped"] == "timm has no peer of 'dit_s_8'"
 
 
 def test_compile_provider_wiring(monkeypatch):

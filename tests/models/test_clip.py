@@ -85,3 +85,38 @@ def test_slip_checkpoint_logit_scale_loads_and_loss_runs():
     loss = model.clip_loss(model(img, text))
     loss.backward()
     assert loss.ndim == 0 and model.contrastive.logit_scale.grad is not None
+
+
+def test_vision_tower_heads_are_slips():
+    # facebookresearch/SLIP models.py: CLIP_VITS16 / SLIP_VITS16 use timm's `vit_small_mocov3_patch16_224`
+    # (embed_dim 384, depth 12, num_heads=12: MoCo v3's ViT-S), VITB16 vit_base_patch16_224, VITL16 vit_large.
+    expected = {"small": (384, 12, 12), "base": (768, 12, 12), "large": (1024, 24, 16)}
+    for kind in ("clip", "slip"):
+        for size, (width, depth, heads) in expected.items():
+            with torch.device("meta"):
+                visual = models.create_model(f"{kind}_vit_{size}_patch16").visual
+            attn = visual.blocks[0].attn
+            assert (visual.embed_dim, len(visual.blocks), attn.num_heads) == (width, depth, heads), (kind, size)
+    with torch.device("meta"):  # the plain ViT-S stays DeiT's / timm's vit_small_patch16_224: 6 heads
+        assert models.create_model("vit_small_patch16").blocks[0].attn.num_heads == 6
+
+
+def test_bad_token_ids_raise():
+    import pytest
+
+    model = _tiny(eot_token_id=7).eval()
+    ok = torch.tensor([[3, 4, 7, 0], [5, 7, 1, 2]])
+    model.encode_text(ok)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 50\].*vocab_size"):
+        model.encode_text(torch.tensor([[3, 50, 7, 0]]))          # id == vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.encode_text(torch.tensor([[3, -1, 7, 0]]))
+    with pytest.raises(ValueError, match=r"rows \[1\] have no end-of-text token \(eot_token_id=7\)"):
+        model.encode_text(torch.tensor([[3, 4, 7, 0], [5, 6, 1, 2]]))  # would pool position 0
+    with pytest.raises(TypeError, match="integer token ids"):
+        model.encode_text(ok.float())
+    with torch.device("meta"):                                  # no values on the meta device: nothing to check
+        assert models.count_flops(_tiny(eot_token_id=7), inputs=(torch.zeros(1, 3, 32, 32), ok)) > 0
+    # the value checks run eagerly only: the compiled text tower stays one graph
+    compiled = torch.compile(model.encode_text, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ok), model.encode_text(ok))

@@ -49,15 +49,33 @@ def test_official_key_names():
 @pytest.mark.parametrize("name", ["convnext_tiny", "convnextv2_atto"])
 def test_train_step_on_small_input(name):
     torch.manual_seed(0)
-    model = models.create_model(name, num_classes=5, drop_path_rate=0.1)
-    if name == "convnext_tiny":  # keep the CPU cost small: two blocks per stage
-        model = models.convnext.ConvNeXt(models.convnext.Block, depths=(1, 1, 1, 1), num_classes=5)
+    small = {"depths": (1, 1, 1, 1)} if name == "convnext_tiny" else {}  # keep the CPU cost small: one block a stage
+    model = models.create_model(name, num_classes=5, drop_path_rate=0.1, **small)
+    assert model.stages[3][-1].drop_path.p == pytest.approx(0.1)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_convnext_v1_drop_path_drops_whole_residuals_per_sample():
+    torch.manual_seed(0)
+    model = models.create_model("convnext_tiny", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), drop_path_rate=0.6,
+                                layer_scale_init_value=1.0)
+    rates = [stage[0].drop_path.p for stage in model.stages]
+    assert rates == pytest.approx([0.0, 0.2, 0.4, 0.6])              # linear in the block index
+    block, x = model.stages[3][0], torch.randn(64, 32, 2, 2)
+    residual = block.eval()(x) - x
+    delta = block.train()(x) - x                                      # per sample: dropped (0) or residual / (1 - p)
+    dropped = delta.flatten(1).abs().amax(1) == 0
+    kept = ~dropped
+    torch.testing.assert_close(delta[kept], residual[kept] / 0.4)
+    assert 10 < int(dropped.sum()) < 60                               # about 60% of 64 samples
+    out = model.train()(torch.randn(4, 3, 32, 32))                    # and through the whole model with grads
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_head_init_scale_and_layer_scale():

@@ -262,6 +262,40 @@ def test_macs_formula_matches_the_flop_counter():
     assert macs(fc, 224) < 0.6 * expected
 
 
+def test_count_flops_of_the_fcmae_model_is_its_macs():
+    # The meta device cannot build the sparse stages (torch.nonzero): count_flops falls back to a CPU run,
+    # and counts the sparse depthwise convs through kfe::sparse_dwconv2d_rows's formula (7*7*C per row).
+    with torch.device("meta"):
+        fc = models.create_model("fcmae_convnextv2_atto")
+    assert models.count_flops(fc, (1, 3, 224, 224)) == pytest.approx(macs(fc, 224), rel=1e-9)   # 19 of 49 kept
+    small = _tiny()
+    assert models.count_flops(small, (2, 3, 96, 96), device="cpu") == pytest.approx(2 * macs(small, 96), rel=1e-9)
+
+
+def test_sparse_dwconv_flop_formulas():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.ops.sparse_conv.op import sparse_dwconv2d
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 6, 6, 5, generator=gen), torch.randn(5, 1, 3, 3, generator=gen), torch.zeros(5)
+    visible = torch.rand(2, 6, 6, generator=gen) < 0.5
+    n = int(visible.sum())
+    x.requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        y = sparse_dwconv2d(x, w, b, visible)
+    assert counter.get_total_flops() == 2 * n * 5 * 9                      # dense layout: visible sites only
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == 2 * 2 * n * 5 * 9                  # dx and dw
+    stages = engine.sparse.build_stages(visible, num_stages=1, kernel_size=3)
+    rows = stages[0].gather(x.detach()).feats.requires_grad_(True)          # (n, 5)
+    with FlopCounterMode(display=False) as counter:
+        out = engine.ops.sparse_conv.op.sparse_dwconv2d_rows(rows, stages[0].neighbours, w, b)
+        out.sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * n * 5 * 9                  # forward + backward, one row per site
+
+
 # ---- torch.compile ----
 
 def test_compile_after_masking_fullgraph_matches_eager():

@@ -63,9 +63,18 @@ def test_mae_encoder_sees_exactly_the_kept_tokens():
     torch.manual_seed(0)
     model = _tiny_mae()
     seen = []
-    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
-    loss, pred, mask = model(torch.randn(3, 3, 64, 64), mask_ratio=0.75)
-    assert seen == [(3, 1 + 4, 32)]  # 16 patches, 4 kept, plus cls
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x = torch.randn(3, 3, 64, 64)
+    torch.manual_seed(5)
+    loss, pred, mask = model(x, mask_ratio=0.75)
+    assert [t.shape for t in seen] == [(3, 1 + 4, 32)]  # 16 patches, 4 kept, plus cls
+    torch.manual_seed(5)                                 # the same draw: which tokens, in which order
+    ids_keep, _, _ = random_masking(3, (4, 4), 0.75, device=x.device)
+    tokens = model.embed(x)                              # (3, 16, 32) patch tokens + positions
+    torch.testing.assert_close(seen[0][:, 1:], torch.stack([tokens[b, ids_keep[b]] for b in range(3)]))
+    torch.testing.assert_close(seen[0][:, 0], (model.cls_token + model.pos_embed[:, :1])[0].expand(3, -1))
+    kept = mask == 0
+    assert torch.equal(kept, torch.zeros(3, 16, dtype=torch.bool).scatter_(1, ids_keep, True))
     assert pred.shape == (3, 16, 16 * 16 * 3) and torch.equal(mask.sum(1), torch.full((3,), 12.0))
     loss.backward()
     assert model.mask_token.grad is not None and model.patch_embed.proj.weight.grad.abs().sum() > 0
@@ -103,6 +112,46 @@ def test_long_sequence_mae_mask_unit():
         models.create_model("mae_vit_base", img_size=128, mask_unit=24)
 
 
+def test_mae_argument_checks():
+    with pytest.raises(ValueError, match="mask_unit .* must tile the 6x6 patch grid"):
+        _tiny_mae_at(96, mask_unit=64)                  # 4x4-patch units on a 6x6 grid
+    _tiny_mae_at(96, mask_unit=48)                      # 3x3 units tile it
+    for bad in (1.5, 1.0, -0.1):
+        with pytest.raises(ValueError, match="mask_ratio must be in"):
+            _tiny_mae(mask_ratio=bad)
+    model = _tiny_mae()
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        model(torch.randn(1, 3, 64, 64), mask_ratio=1.5)
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        random_masking(1, (4, 4), 1.0)
+
+
+def _tiny_mae_at(img_size, **kw):
+    return models.create_model("mae_vit_base", img_size=img_size, embed_dim=32, depth=1, num_heads=2,
+                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, **kw)
+
+
+def test_mae_and_dit_compile_fullgraph():
+    torch.manual_seed(0)
+    mae = _tiny_mae(mask_unit=32)
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(mae, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    got = compiled(x)
+    torch.manual_seed(3)                                 # the same random mask
+    want = mae(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    got[0].backward()
+    assert mae.patch_embed.proj.weight.grad.abs().sum() > 0
+    dit = models.create_model("dit_s_4", input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=10).eval()
+    for p in dit.parameters():                           # off the adaLN-Zero start, so the output is not 0
+        torch.nn.init.normal_(p, std=0.05)
+    z, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([3, 10])
+    compiled = torch.compile(dit, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(z, t, y), dit(z, t, y), rtol=1e-4, atol=1e-5)
+
+
 def test_dit_starts_as_zero_and_cfg_halves_agree():
     torch.manual_seed(0)
     model = models.create_model("dit_s_8", input_size=16, num_classes=10)
@@ -128,3 +177,61 @@ def test_vit_train_step_and_compile():
     assert model.pos_embed.grad is None  # MAE's fixed sin-cos table
     compiled = torch.compile(model.eval(), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# ---- attention without key bias (long-sequence MAE's --no_k_bias_in_vit; BEiT) ----
+
+def test_attention_without_key_bias_layout_function_and_grads(monkeypatch):
+    import engine.nn.attention as mod
+    from engine.nn import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, k_bias=False)
+    assert set(attn.state_dict()) == {"qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias"}  # long_seq_mae keys
+    for p in (attn.q_bias, attn.v_bias):
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 5, 16)
+    qkv = torch.nn.functional.linear(x, attn.qkv.weight)  # the keys: x @ Wk^T with no bias at all
+    k = qkv[..., 16:32]
+    seen, real = [], mod.attention
+    monkeypatch.setattr(mod, "attention", lambda q_, k_, v_, causal: seen.append(k_) or real(q_, k_, v_, causal=causal))
+    out = attn(x)
+    torch.testing.assert_close(seen[0].transpose(1, 2).reshape(2, 5, 16), k)  # what attention got as keys
+    # Same function as a packed-bias Attention whose k third is zero.
+    packed = Attention(16, 2)
+    packed.load_state_dict(attn.state_dict())   # q_bias / v_bias merged into qkv.bias with a zero k part
+    torch.testing.assert_close(packed.qkv.bias[16:32], torch.zeros(16))
+    torch.testing.assert_close(packed(x), out)
+    out.square().sum().backward()
+    assert attn.q_bias.grad.abs().sum() > 0 and attn.v_bias.grad.abs().sum() > 0
+    # ... and back: a timm/MAE-style qkv.bias with a zero k third loads; a non-zero one is refused.
+    fresh = Attention(16, 2, k_bias=False)
+    fresh.load_state_dict(packed.state_dict())
+    torch.testing.assert_close(fresh(x), out)
+    bad = packed.state_dict()
+    bad["qkv.bias"][20] = 1.0
+    with pytest.raises(ValueError, match="non-zero key bias"):
+        fresh.load_state_dict(bad)
+
+
+def test_vit_mae_maskfeat_take_k_bias():
+    vit = _meta("vit_base_patch16", num_classes=0, k_bias=False)
+    keys = vit.state_dict().keys()
+    assert "blocks.0.attn.q_bias" in keys and "blocks.11.attn.v_bias" in keys and "blocks.0.attn.qkv.bias" not in keys
+    assert sum(p.numel() for p in vit.parameters() if p.requires_grad) == 85_647_360 - 12 * 768  # no k bias
+    mae = _tiny_mae(k_bias=False)
+    keys = mae.state_dict().keys()
+    assert "blocks.0.attn.q_bias" in keys and "decoder_blocks.0.attn.v_bias" in keys  # as long_seq_mae: both
+    assert not any(k.endswith("qkv.bias") for k in keys)
+    loss, _, _ = mae(torch.randn(2, 3, 64, 64))
+    loss.backward()
+    assert mae.blocks[0].attn.q_bias.grad is not None
+    no_bias = _tiny_mae(qkv_bias=False).state_dict()
+    assert not any(k.endswith(("qkv.bias", "q_bias", "v_bias")) for k in no_bias) and "blocks.0.attn.proj.bias" in no_bias
+    mf = models.create_model("maskfeat_vit_small", img_size=32, depth=1, k_bias=False)
+    assert "blocks.0.attn.q_bias" in mf.state_dict()
+    # a long_seq_mae-layout encoder loads into the plain ViT for fine-tuning (k part zero)
+    plain = models.create_model("vit_base_patch16", img_size=64, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    missing, unexpected = plain.load_state_dict(mae.state_dict(), strict=False)
+    assert not missing and "blocks.0.attn.q_bias" not in unexpected
+    torch.testing.assert_close(plain.blocks[0].attn.qkv.bias[32:64], torch.zeros(32))

@@ -100,6 +100,26 @@ def test_slip_simclr_loss_is_nt_xent_on_one_process():
     torch.testing.assert_close(simclr_loss(z1, z2, 0.1), nt_xent(z1.float(), z2.float(), 0.1))
 
 
+def test_slip_head_batchnorm_is_synced_on_multi_process_gpu_runs():
+    # SLIP's models.py builds image_mlp with nn.SyncBatchNorm; torch's SyncBatchNorm refuses CPU tensors in
+    # a multi-process group, so only multi-process GPU runs convert (one process: plain BN is the same).
+    import models
+    from train.dist import DistInfo
+    from train.recipes.slip import sync_batchnorm
+
+    def tiny():
+        return models.create_model("slip_vit_small_patch16", img_size=32, vision={"depth": 1, "embed_dim": 24},
+                                   transformer_layers=1, transformer_width=16, transformer_heads=2, vocab_size=20,
+                                   context_length=8, embed_dim=8, ssl_mlp_dim=16, ssl_emb_dim=8)
+    plain = tiny()
+    synced = sync_batchnorm(tiny(), DistInfo(rank=1, world=2, local_rank=1, device=torch.device("cuda", 1)))
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in (synced.image_mlp.bn1, synced.image_mlp.bn2))
+    assert synced.state_dict().keys() == plain.state_dict().keys()          # checkpoints load either way
+    for info in (DistInfo(world=1, device=torch.device("cuda", 0)), DistInfo(rank=0, world=2)):   # 1 GPU; CPU gloo
+        bn = sync_batchnorm(tiny(), info).image_mlp.bn1
+        assert type(bn) is torch.nn.BatchNorm1d
+
+
 def test_slip_views_are_deterministic_uint8_and_differ():
     from train.data.simclr import SlipViews, _hue_shift
     from train.data.transforms import make_transform, normalize

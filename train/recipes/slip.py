@@ -9,8 +9,11 @@ Defaults are SLIP's ViT-B/16 recipe on YFCC15M (the official repository's README
 8-nodes (batch size 4096)": lr 3e-3, weight decay 0.1; main.py: 25 epochs, 1 warmup epoch, AdamW betas
 (0.9, 0.98), cosine to 1e-5, SimCLR head 4096 -> 4096 -> 256). blr 1.875e-4 is 3e-3 at batch 4096.
 The SimCLR term is SLIP's SIMCLRLoss: each process's views against every process's views (gathered
-with gradients), which on one process is models.clip.nt_xent. The head's BatchNorm statistics are per
-process (as in SLIP), so unlike `clip` a multi-process run is not exactly one process on the global batch.
+with gradients), which on one process is models.clip.nt_xent. The head's BatchNorm is SyncBatchNorm
+in SLIP (models.py `_build_mlp`): batch statistics over all processes. Multi-process GPU runs convert
+it (`sync_batchnorm`; same state-dict keys). torch's SyncBatchNorm refuses CPU tensors in a
+multi-process group (ValueError "expected input tensor to be on GPU", torch 2.13), so multi-process
+CPU (gloo) runs keep per-process statistics and are not exactly one process on the global batch.
 """
 from __future__ import annotations
 
@@ -62,6 +65,14 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch
     return (F.cross_entropy(torch.cat([l12, l11], 1), labels) + F.cross_entropy(torch.cat([l21, l22], 1), labels)) / 2
 
 
+def sync_batchnorm(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """SLIP's SyncBatchNorm in the SimCLR head for multi-process GPU runs; unchanged otherwise (one
+    process: plain BN is the same function; CPU: torch's SyncBatchNorm supports GPUs only)."""
+    if info.world > 1 and info.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def build_data(cfg: SlipConfig, info: DistInfo) -> ImageTextData:
     data = open_data(cfg, info, "slip")
     ds = data.train.dataset  # Transformed or WebDatasetStream: both apply `.transform(image, rng)`
@@ -71,7 +82,7 @@ def build_data(cfg: SlipConfig, info: DistInfo) -> ImageTextData:
 
 def build_task(cfg: SlipConfig, data: ImageTextData, info: DistInfo) -> Task:
     extra = dict(ssl_mlp_dim=cfg.ssl_mlp_dim, ssl_emb_dim=cfg.ssl_emb_dim)
-    model = build_model(cfg, data.tokenizer, **extra)
+    model = sync_batchnorm(build_model(cfg, data.tokenizer, **extra), info)
     meta = build_model(cfg, data.tokenizer, "meta", **extra)
     image = torch.zeros(1, 3, cfg.resolution, cfg.resolution, device="meta")
     text = torch.zeros(1, cfg.context_length, dtype=torch.long, device="meta")

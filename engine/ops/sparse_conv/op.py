@@ -119,6 +119,48 @@ def _rows_grad(ctx, dy):
 _rows.register_autograd(_rows_grad, setup_context=_rows_setup)
 
 
+# ---- FLOP formulas (torch.utils.flop_counter: models.count_flops, the benchmarks' TFLOP/s) ----
+
+def flop_count(sites: int, channels: int, k: int, backward: bool = False) -> int:
+    """Useful FLOPs: 2*k*k*C per visible output site forward (a multiply-add per tap and channel, the
+    convention FlopCounterMode uses for convolutions), twice that backward (input and weight grads)."""
+    fwd = 2 * sites * channels * k * k
+    return 2 * fwd if backward else fwd
+
+
+def _visible_sites(mask: torch.Tensor) -> int:
+    # The dense layout's useful sites are the True ones. Meta and fake tensors have no values, so
+    # there every site counts (an upper bound; the rows op, which the FCMAE encoder runs, is exact).
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if mask.device.type == "meta" or isinstance(mask, FakeTensor):
+        return mask.numel()
+    return int(mask.sum())
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.kfe.sparse_dwconv2d, get_raw=True)
+    def _dense_flops(x, weight, bias, mask, *args, **kwargs) -> int:
+        return flop_count(_visible_sites(mask), weight.shape[0], weight.shape[-1])
+
+    @register_flop_formula(torch.ops.kfe.sparse_dwconv2d_backward, get_raw=True)
+    def _dense_bwd_flops(dy, x, weight, mask, *args, **kwargs) -> int:
+        return flop_count(_visible_sites(mask), weight.shape[0], weight.shape[-1], backward=True)
+
+    @register_flop_formula(torch.ops.kfe.sparse_dwconv2d_rows)
+    def _rows_flops(feats, neighbours, weight, bias, *args, out_shape=None, **kwargs) -> int:
+        return flop_count(feats[0], weight[0], weight[-1])  # one row per visible site
+
+    @register_flop_formula(torch.ops.kfe.sparse_dwconv2d_rows_backward)
+    def _rows_bwd_flops(dy, feats, neighbours, weight, *args, out_shape=None, **kwargs) -> int:
+        return flop_count(feats[0], weight[0], weight[-1], backward=True)
+
+
+_register_flop_formulas()
+
+
 # ---- input checks and the public functions ----
 
 def _check_params(weight, bias, C: int, ref_name: str, ref: torch.Tensor) -> int:

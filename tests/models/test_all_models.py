@@ -1,0 +1,90 @@
+"""Every registered model (models.list_models()) runs forward + backward on the CPU, shrunk to a few
+channels and one block per stage (the exact sizes are covered by the parameter-count / MAC tests)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models.clip import VISION as CLIP_VISION, nt_xent
+from models.dit import VARIANTS as DIT
+from models.vit import VARIANTS as VIT
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # many tiny ops: threads only add overhead on the shared cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _heads(name: str) -> int:
+    """The variant's head count (shrunk models keep it, with 4 channels per head)."""
+    if name.startswith("dit_"):
+        return DIT[name.split("_")[1]]["num_heads"]
+    if name.startswith(("clip_", "slip_")):
+        return CLIP_VISION[name.split("_")[2]]["num_heads"]
+    return VIT[name.split("_")[-1] if name.startswith(("mae_", "maskfeat_")) else name.split("_")[1]]["num_heads"]
+
+
+def _build_and_loss(name: str):
+    """The registered constructor with shrinking overrides (keeping the variant's heads and patch size)
+    and a training loss on a tiny batch."""
+    g = torch.Generator().manual_seed(0)
+    img = lambda side: torch.randn(2, 3, side, side, generator=g)  # noqa: E731
+    if name.startswith(("convnext_", "convnextv2_")):
+        model = models.create_model(name, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=3,
+                                    drop_path_rate=0.2)
+        return model, lambda: F.cross_entropy(model(img(32)), torch.tensor([0, 2]))
+    if name.startswith("fcmae_"):
+        model = models.create_model(name, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), decoder_embed_dim=16)
+        return model, lambda: model(img(64))[0]
+    heads = _heads(name)
+    width = 4 * heads
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("patch", 1)[1])
+        model = models.create_model(name, img_size=2 * patch, embed_dim=width, depth=1, num_classes=3,
+                                    drop_path_rate=0.2)
+        return model, lambda: F.cross_entropy(model(img(2 * patch)), torch.tensor([0, 2]))
+    if name.startswith("mae_"):
+        patch = 14 if name.endswith("huge") else 16
+        model = models.create_model(name, img_size=4 * patch, embed_dim=width, depth=1, decoder_embed_dim=16,
+                                    decoder_depth=1, decoder_num_heads=2)
+        return model, lambda: model(img(4 * patch))[0]
+    if name.startswith("maskfeat_"):
+        model = models.create_model(name, img_size=32, embed_dim=width, depth=1)
+        return model, lambda: model.loss(img(32), generator=torch.Generator().manual_seed(1))[0]
+    if name.startswith(("clip_", "slip_")):
+        kw = dict(img_size=32, vision=dict(depth=1, embed_dim=width), transformer_layers=1, vocab_size=50,
+                  context_length=8, transformer_width=16, transformer_heads=2, embed_dim=8)
+        if name.startswith("slip_"):
+            kw.update(ssl_mlp_dim=16, ssl_emb_dim=8)
+        model = models.create_model(name, **kw)
+        text = torch.randint(0, 50, (2, 8), generator=g)
+
+        def loss():
+            if name.startswith("clip_"):
+                return model.clip_loss(model(img(32), text))
+            out = model(img(32), text, img(32), img(32))
+            return model.clip_loss(out) + nt_xent(out["aug1_embed"], out["aug2_embed"])
+        return model, loss
+    if name.startswith("dit_"):
+        patch = int(name.rsplit("_", 1)[1])
+        model = models.create_model(name, input_size=2 * patch, hidden_size=width, depth=1, num_classes=10)
+        x, t, y = torch.randn(2, 4, 2 * patch, 2 * patch, generator=g), torch.tensor([3, 700]), torch.tensor([1, 9])
+        return model, lambda: model(x, t, y)[:, :4].square().mean()
+    raise AssertionError(f"{name}: a registered model with no small-input case here; add one")
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_model_trains_one_step(name):
+    torch.manual_seed(0)
+    model, loss_fn = _build_and_loss(name)
+    model.train()
+    loss = loss_fn()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for n, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
