@@ -25,7 +25,7 @@ from train.data import Loader, kind_of, normalize
 from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, peak_flops
 from train.optim import EMA, adamw, param_groups, scheduler
 from train.recipes.base import Recipe, TrainConfig
-from train.wrap import unwrap_state, load_wrapped_state, wrap_model
+from train.wrap import load_wrapped_state, unsharded, unwrap_state, wrap_model
 
 
 def default_run_dir(recipe: str, cfg: TrainConfig) -> str:
@@ -258,7 +258,7 @@ class Trainer:
         if self.task.evaluate is None:
             return {}
         self.module.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), unsharded(self.module, self.sharded):
             metrics = dict(self.task.evaluate(self.module, self.prepare))
             if self.ema is not None:
                 metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.prepare).items()

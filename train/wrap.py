@@ -8,6 +8,8 @@ state_dict helpers, so a checkpoint reads the same whatever the wrapper or proce
 """
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from train.dist import DistInfo
@@ -24,14 +26,53 @@ def wrap_model(module: nn.Module, cfg, info: DistInfo, shard_units: list[nn.Modu
     if cfg.dist == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 cannot shard 0-d parameters (CLIP's logit_scale; official checkpoints keep it a scalar):
+        # they stay replicated and their gradient is averaged over processes here, as DDP would.
+        scalars = {p for p in module.parameters() if p.dim() == 0}
         for unit in shard_units or _units(module):
-            fully_shard(unit)
-        fully_shard(module)
+            fully_shard(unit, ignored_params=scalars or None)
+        fully_shard(module, ignored_params=scalars or None)
+        for p in scalars:
+            p.register_post_accumulate_grad_hook(_average_grad)
         return module  # fully_shard converts in place
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=ids)
+
+
+@contextlib.contextmanager
+def unsharded(module: nn.Module, sharded: bool):
+    """Full parameters on every process for the duration (FSDP2): evaluation calls sub-modules
+    (e.g. CLIP's encode_text) whose parameters only a root forward would gather. Everything is
+    gathered once up front (a collective every process joins) and kept until the end, so an
+    evaluation that runs a different number of forwards per process cannot deadlock."""
+    if not sharded:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        if m is not module:
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            if m is not module:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def _average_grad(param: nn.Parameter) -> None:
+    """Average a replicated parameter's gradient over processes (after each accumulation step: the
+    part already averaged is equal on every process, so averaging again leaves it unchanged)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(param.grad)  # SUM then divide: gloo has no AVG
+    param.grad.div_(dist.get_world_size())
 
 
 def _options(**kw):

@@ -1,5 +1,7 @@
 """Distributed CLIP: 2 gloo processes under torchrun (kfe::contrastive_loss all-gathers the features, each
-process scores its own rows) end with the parameters one process reaches on the same global batch."""
+process scores its own rows) end with the parameters one process reaches on the same global batch, under
+DDP and under FSDP2 (whose scalar logit_scale stays replicated, see train/wrap.py; with an evaluation
+mid-run, which calls the text tower outside the root forward)."""
 import subprocess
 import sys
 
@@ -18,10 +20,11 @@ ARGS = ["train", "clip", "--data", "shapes", *TINY, "--steps", "3", "--lr", "5e-
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("dist", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path, dist):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.cli",
-           *ARGS, "--out", two]
+           *ARGS, "--out", two, "--dist", dist] + (["--eval_every", "2", "--shapes.val_size", "64"] if dist == "fsdp" else [])
     ddp = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     single = kfe(*ARGS, "--out", one)
     out, err = ddp.communicate(timeout=240)
