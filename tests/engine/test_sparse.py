@@ -261,6 +261,25 @@ def test_compile_block_and_downsample_fullgraph():
     assert isinstance(down(blocks[0](stages[0].gather(x))), SparseTensor)
 
 
+def test_compiled_downsample_check_does_not_recompile_for_fresh_stages():
+    # FCMAE builds new stages every step; the coarse-stage provenance check (identity of the fine
+    # stage's index) must be a guard that holds for every properly built stage list, not a recompile.
+    from torch._dynamo.testing import CompileCounter
+
+    blk, down = _randomize(SparseConvNeXtV2Block(8), 1), _randomize(SparseDownsample(8, 16), 2)
+
+    def encoder(x, stages):
+        return down(blk(stages[0].gather(x)), stages[1]).to_dense().sum()
+
+    counter = CompileCounter()
+    compiled = torch.compile(encoder, fullgraph=True, backend=counter)
+    x = torch.randn(2, 8, 8, 8)
+    for seed in range(3):  # same visible count per sample, different sites
+        stages = sparse.build_stages(block_mask(2, 8, 8, 2, 0.5, seed=seed), num_stages=2)
+        torch.testing.assert_close(compiled(x, stages), encoder(x, stages))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 56, 56, 128), (8, 14, 14, 512)], ids=str)
 def test_gpu_block_matches_dense_masked_block(shape):
