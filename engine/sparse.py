@@ -53,6 +53,9 @@ class SparseStage:
     rows_per_sample: int | None   # every sample has this many rows (> 0), else None
     pool: torch.Tensor | None = None  # (V, 4) int64 rows of the finer stage in each 2x2 window
     #                                   (taps row-major; masked -> V_fine, a zero row), for downsampling
+    fine_index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    #     the finer stage's `index` tensor itself: `pool` is only meaningful for that stage's rows, so
+    #     SparseDownsample checks the identity (no pass over values, nothing for torch.compile to sync)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,7 +91,11 @@ class SparseStage:
         rank = _rank(self.mask, self.num_rows).long()                   # (N, H, W), masked -> V_fine
         n, i, j = _coords(stage.index, coarse.shape[1], coarse.shape[2])
         taps = [rank[n, 2 * i + a, 2 * j + b] for a in (0, 1) for b in (0, 1)]
-        return dataclasses.replace(stage, pool=torch.stack(taps, dim=1))  # (V_coarse, 4)
+        return dataclasses.replace(stage, pool=torch.stack(taps, dim=1), fine_index=self.index)  # (V_coarse, 4)
+
+    def is_downsample_of(self, fine: "SparseStage") -> bool:
+        """Whether this stage is `fine.downsample()` (by identity of fine's rows: cheap, no sync)."""
+        return self.pool is not None and self.fine_index is fine.index
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +104,16 @@ class SparseTensor:
 
     feats: torch.Tensor
     stage: SparseStage
+
+    def __post_init__(self):
+        if not isinstance(self.stage, SparseStage):
+            raise TypeError(f"stage must be a SparseStage, got {type(self.stage).__name__}")
+        _checks.tensor("feats", self.feats, ndim=2, layout="gathered rows (V, C)")
+        V = self.stage.num_rows
+        if self.feats.shape[0] != V:
+            raise ValueError(f"feats must have one row per visible site of the stage, (V, C) with V = {V}, "
+                             f"got {tuple(self.feats.shape)}")
+        _checks.same_device("feats", self.feats, "the stage's index", self.stage.index)
 
     def replace(self, feats: torch.Tensor) -> "SparseTensor":
         return SparseTensor(feats, self.stage)
@@ -120,6 +137,8 @@ def to_dense(x: SparseTensor) -> torch.Tensor:
 
 def build_stages(mask: torch.Tensor, num_stages: int = 4, kernel_size: int = 7) -> list[SparseStage]:
     """The stages of a ConvNeXt encoder from the stage-1 mask, each the downsampling of the previous."""
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
     stages = [SparseStage.from_mask(mask, kernel_size)]
     for _ in range(num_stages - 1):
         stages.append(stages[-1].downsample())

@@ -8,7 +8,8 @@
 //          the neighbour table engine.sparse builds once per stage;
 //   dense  r indexes the N*H*W sites of channels-last x; masked rows output 0, and src_t(r) is the
 //          t-th site of r's k x k window if it is inside the image and visible (no table needed).
-// Work scales with the visible rows: masked rows cost one row of zeros (dense) or nothing (rows).
+// Work scales with the visible rows: masked rows cost one row of zeros (dense) or nothing (rows);
+// in the weight gradient a 32-row block with no visible row costs one pass over its mask bytes.
 //
 // Backward: the input gradient is this same kernel on dy with the taps reversed (a submanifold
 // window is symmetric: u is tap t of v iff v is tap K-1-t of u), so there are no scattered writes.
@@ -257,7 +258,15 @@ void wgrad_typed(const Geometry& g, const at::Tensor& dy, const at::Tensor& x, a
       std::fill(total.begin(), total.end(), 0.0);
       for (int64_t r0 = grp * kGroupRows; r0 < r_end; r0 += kBlockRows) {
         const int64_t nrows = std::min(kBlockRows, r_end - r0);
-        for (int64_t i = 0; i < nrows; ++i) rows[i] = taps_of(g, r0 + i, src.data() + i * g.K) ? r0 + i : -1;
+        bool any = false;
+        for (int64_t i = 0; i < nrows; ++i) {
+          rows[i] = taps_of(g, r0 + i, src.data() + i * g.K) ? r0 + i : -1;
+          any |= rows[i] >= 0;
+        }
+        // A block with no visible row adds exact zeros: skip its K + 1 passes (dense layout, FCMAE's
+        // masked patches), so the work follows the visible rows. total starts at +0.0, so adding +/-0
+        // never changes it: results are bit-identical.
+        if (!any) continue;
         block_fn(g, xp, gp, rows.data(), nrows, src.data(), c0, width, blk.data());
         for (int64_t t = 0; t < terms; ++t)
           for (int64_t c = 0; c < width; ++c) total[t * width + c] += blk[t * width + c];

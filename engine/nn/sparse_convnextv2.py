@@ -43,6 +43,15 @@ def grn_rows(h: torch.Tensor, stage: SparseStage, grn: GRN) -> torch.Tensor:
     return (gamma * (hf * nx[stage.sample]) + beta + hf).to(h.dtype)
 
 
+def check_feats_dtype(x: SparseTensor, param: torch.Tensor, layer: str) -> None:
+    """Outside autocast, feats must have the layer's parameter dtype: the dense layers would stop at
+    the first LayerNorm / Linear with torch's "mixed dtype" or "same dtype" errors. Under autocast any
+    float dtype goes (bf16 rows from a downsample meet fp32 parameters there; the linears cast)."""
+    if x.feats.dtype != param.dtype and not torch.is_autocast_enabled(x.feats.device.type):
+        raise TypeError(f"feats has dtype {x.feats.dtype} but the {layer}'s parameters are {param.dtype}: cast "
+                        f"the module or the features to one dtype, or run under torch.autocast")
+
+
 class SparseDropPath(nn.Module):
     """Stochastic depth per sample (timm's DropPath, scaled by 1/keep) on a stage's rows."""
 
@@ -76,6 +85,7 @@ class SparseConvNeXtV2Block(nn.Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         stage = x.stage
+        check_feats_dtype(x, self.norm.weight, "block")
         k = self.dwconv.kernel_size[0]
         if stage.kernel_size != k:
             raise ValueError(f"the stage's neighbour table is {stage.kernel_size}x{stage.kernel_size}, the block's "
@@ -101,8 +111,12 @@ class SparseDownsample(nn.Sequential):
     def forward(self, x: SparseTensor, coarse: SparseStage | None = None) -> SparseTensor:
         """x on a stage -> the next stage (x.stage.downsample(), built eagerly when not given)."""
         coarse = x.stage.downsample() if coarse is None else coarse
-        if coarse.pool is None or coarse.shape[0] != x.stage.shape[0]:
-            raise ValueError("coarse must be the stage that x.stage.downsample() returns")
+        # coarse.pool indexes x.stage's rows: the coarse stage of another mask would gather the wrong
+        # rows (or out of range), silently. Provenance is recorded by downsample() and checked by identity.
+        if not isinstance(coarse, SparseStage) or not coarse.is_downsample_of(x.stage):
+            raise ValueError("coarse must be the stage that x.stage.downsample() returns (build_stages gives them "
+                             "in order), not a stage of another mask or resolution")
+        check_feats_dtype(x, self[0].weight, "downsample layer")
         norm, conv = self[0], self[1]
         C = x.feats.shape[1]
         h = norm(x.feats)                                                    # (V, C)

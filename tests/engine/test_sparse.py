@@ -200,7 +200,36 @@ def test_bad_inputs():
     testing.expect_error(ValueError, lambda: block(sparse.to_sparse(torch.randn(2, 4, 4, 3), m, 3)), "kernel_size=7")
     testing.expect_error(ValueError, lambda: block(sparse.to_sparse(torch.randn(2, 4, 4, 5), m)), "feats", "(3, 1")
     s = sparse.to_sparse(torch.randn(2, 4, 4, 3), m)
-    testing.expect_error(ValueError, lambda: SparseDownsample(3, 6)(s, st), "downsample()")
+    testing.expect_error(ValueError, lambda: SparseDownsample(3, 6)(s, st), "coarse", "downsample()")
+    testing.expect_error(ValueError, lambda: sparse.build_stages(m, 0), "num_stages", ">= 1")
+    # SparseTensor: feats must be the stage's rows.
+    testing.expect_error(ValueError, lambda: SparseTensor(s.feats[1:], st), "feats", f"V = {st.num_rows}")
+    testing.expect_error(ValueError, lambda: SparseTensor(s.feats[None], st), "feats", "2-D")
+    testing.expect_error(ValueError, lambda: s.replace(torch.randn(st.num_rows + 1, 3)), "feats")
+    testing.expect_error(TypeError, lambda: SparseTensor(s.feats, m), "stage", "SparseStage")
+    # Outside autocast the rows' dtype must be the layers' (the dense layers fail in torch's LayerNorm).
+    testing.expect_error(TypeError, lambda: block(s.replace(s.feats.double())), "feats", "float64", "float32")
+    testing.expect_error(TypeError, lambda: SparseDownsample(3, 6)(s.replace(s.feats.double())), "feats",
+                         "float64", "float32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's job there
+        assert block(s.replace(s.feats.bfloat16())).feats.shape == s.feats.shape
+
+
+def test_downsample_rejects_the_coarse_stage_of_another_mask():
+    # Same N (and here even the same number of coarse rows): coarse.pool indexes another stage's rows.
+    x = torch.randn(2, 8, 8, 4)
+    layer = SparseDownsample(4, 6)
+    for mA, mB in ((torch.ones(2, 8, 8, dtype=torch.bool), pixel_mask(2, 8, 8, 0.3)),
+                   (pixel_mask(2, 8, 8, 0.9, seed=1), pixel_mask(2, 8, 8, 0.9, seed=2))):
+        s = sparse.to_sparse(x, mA)
+        other = SparseStage.from_mask(mB).downsample()
+        testing.expect_error(ValueError, lambda: layer(s, other), "coarse", "downsample()")
+        right = s.stage.downsample()  # a fresh downsample of x's own stage is accepted, and is the default
+        assert right.is_downsample_of(s.stage) and not other.is_downsample_of(s.stage)
+        torch.testing.assert_close(layer(s, right).feats, layer(s).feats)
+    stages = sparse.build_stages(pixel_mask(2, 8, 8, 0.5), num_stages=3)
+    testing.expect_error(ValueError, lambda: layer(stages[0].gather(x), stages[2]), "coarse")  # skips a stage
+    testing.expect_error(ValueError, lambda: layer(stages[0].gather(x), stages[0]), "coarse")  # no pool
 
 
 # ---- torch.compile ----
@@ -230,6 +259,25 @@ def test_compile_block_and_downsample_fullgraph():
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(dx, x2.grad)
     assert isinstance(down(blocks[0](stages[0].gather(x))), SparseTensor)
+
+
+def test_compiled_downsample_check_does_not_recompile_for_fresh_stages():
+    # FCMAE builds new stages every step; the coarse-stage provenance check (identity of the fine
+    # stage's index) must be a guard that holds for every properly built stage list, not a recompile.
+    from torch._dynamo.testing import CompileCounter
+
+    blk, down = _randomize(SparseConvNeXtV2Block(8), 1), _randomize(SparseDownsample(8, 16), 2)
+
+    def encoder(x, stages):
+        return down(blk(stages[0].gather(x)), stages[1]).to_dense().sum()
+
+    counter = CompileCounter()
+    compiled = torch.compile(encoder, fullgraph=True, backend=counter)
+    x = torch.randn(2, 8, 8, 8)
+    for seed in range(3):  # same visible count per sample, different sites
+        stages = sparse.build_stages(block_mask(2, 8, 8, 2, 0.5, seed=seed), num_stages=2)
+        torch.testing.assert_close(compiled(x, stages), encoder(x, stages))
+    assert counter.frame_count == 1
 
 
 @pytest.mark.gpu

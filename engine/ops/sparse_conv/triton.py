@@ -7,8 +7,8 @@ Two layouts find the input row src_t(r) of tap t (same as csrc/cpu/sparse_dwconv
          (the per-stage neighbour table of engine.sparse);
   dense  (DENSE=True)  r runs over the N*H*W sites of channels-last x; src_t(r) is the t-th site of
          r's k x k window when inside the image and visible; masked rows output 0, and a block of
-         rows with no visible site skips the taps entirely (FCMAE masks are patch-aligned, so whole
-         blocks are masked: the work follows the visible blocks).
+         rows with no visible site skips the taps entirely, in the forward and the weight gradient
+         (FCMAE masks are patch-aligned, so whole blocks are masked: the work follows the visible blocks).
 
 Launches:
   fwd    (row blocks, channel blocks)         also the input gradient: dy with the taps reversed,
@@ -106,13 +106,16 @@ def _dwconv_wgrad_kernel(
         row_ok = rows < stop
         if DENSE:
             row_ok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-        dy = tl.load(dy_ptr + rows[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if t < KS * KS:
-            src, ok = _tap_source(rows, row_ok, t, nbr_ptr, mask_ptr, R_in, H, W, KS, DENSE)
-            xv = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
-            acc += dy.to(tl.float32) * xv.to(tl.float32)
-        else:
-            acc += dy.to(tl.float32)
+        if tl.max(row_ok.to(tl.int32), axis=0) > 0:  # a fully masked block adds zeros: skip its loads
+            dy = tl.load(dy_ptr + rows[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+            if t < KS * KS:
+                src, ok = _tap_source(rows, row_ok, t, nbr_ptr, mask_ptr, R_in, H, W, KS, DENSE)
+                xv = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                             other=0.0)
+                acc += dy.to(tl.float32) * xv.to(tl.float32)
+            else:
+                acc += dy.to(tl.float32)
     tl.store(part_ptr + (split * (KS * KS + 1) + t) * C + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 

@@ -201,6 +201,29 @@ def test_cpp_weight_grad_row_groups():
     _check("cpp", x, w, b, m)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_weight_grad_skips_fully_masked_row_blocks(backend, monkeypatch):
+    # The dense layout's weight gradient skips blocks of rows with no visible site (C++: 32 rows;
+    # Triton: BLOCK_R, forced to 32 here as on a GPU). Blocks masked only in part (just the last row
+    # or just the first row visible) must still count, and a skipped block must contribute nothing.
+    if backend not in BACKENDS:
+        pytest.fail(f"{backend} backend unavailable")
+    if backend == "triton":
+        from engine.ops.sparse_conv import triton as sc_triton
+        monkeypatch.setattr(sc_triton, "_wgrad_blocks", lambda R, C, K, device: (32, 32, 2, 384))
+    m = torch.zeros(3, 16, 16, dtype=torch.bool)         # W = 16: a 32-row block is 2 image rows
+    m[0] = block_mask(1, 16, 16, 4, 0.5)[0]              # patch-aligned
+    m[0, 4:8] = False                                    # a row of masked patches: blocks 2, 3 all masked
+    m[2, 1:8:2, 15] = True                               # blocks 16..19: only their last row visible
+    m[2, 8:16:2, 0] = True                               # blocks 20..23: only their first row visible
+    blocks = m.reshape(-1, 32)
+    assert (~blocks.any(1)).sum() >= 10 and (blocks[:, -1] & ~blocks[:, :-1].any(1)).any()
+    assert (blocks[:, 0] & ~blocks[:, 1:].any(1)).any()
+    dtype = torch.float64 if backend in F64 else torch.float32
+    x, w, b, _ = _inputs((3, 16, 16, 70), 3, dtype, m)
+    _check(backend, x, w, b, m)
+
+
 @pytest.mark.parametrize("dtype, C", [(torch.float32, 136), (torch.float64, 70), (torch.bfloat16, 72)], ids=str)
 def test_cpp_register_blocks_and_channel_tails(dtype, C):
     # float / double run register blocks of 64 / 32 channels, then scalar tails; bfloat16 is scalar.
