@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.ops import attention
+from engine.ops import _checks, attention
 
 
 class Attention(nn.Module):
@@ -19,17 +19,21 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        _checks.tensor("x", x, ndim=3, dtypes=None, layout="(B, N, dim)")
         B, N, C = x.shape
+        if C != self.dim:
+            raise ValueError(f"x must be (B, N, dim) with dim = {self.dim}, got shape {tuple(x.shape)}")
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
         q, k, v = qkv.unbind(0)
         out = attention(q, k, v, causal=causal)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
