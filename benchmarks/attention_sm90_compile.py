@@ -1,11 +1,12 @@
 """Compile kfe::attention's Triton kernels for sm_90 (H100/H200) on a machine without a GPU.
 
-    python benchmarks/attention_sm90_compile.py [--dims 64,80] [--dtypes bfloat16] > OUT.md
+    python benchmarks/attention_sm90_compile.py [--dims 64,80] [--dtypes bfloat16] [--padding-only] > OUT.md
 
 Triton compiles to a cubin without a device; ptxas -v then reports registers and spills. This checks
 the GPU tile table of engine/ops/attention/triton.py before any GPU is at hand: every kernel compiles
 at the tiles `configs` picks, and its shared memory fits the 227 KiB an sm_90 block may use. It says
-nothing about speed (that is `kfe bench attention` on the GPU).
+nothing about speed (that is `kfe bench attention` on the GPU). It ends with the padded-work ratios of
+the issue's shapes: MMA work on the padded tiles over the useful work, arithmetic from the tile sizes.
 """
 from __future__ import annotations
 
@@ -72,31 +73,82 @@ def _ptxas(ptx: str, name: str) -> str:
     return f"{regs.group(1) if regs else '?'} | {spill.group(1) if spill else '?'}"
 
 
+# ------------------------------------------------------------------------------ padded work (arithmetic)
+ISSUE_SHAPES = [("ViT-B/16 224", 197, 64), ("MAE ViT-L enc", 50, 64), ("MAE decoder", 197, 32),
+                ("ViT-H/14", 257, 80), ("DiT-XL/2 256", 256, 72), ("long-seq MAE", 784, 64), ("long", 4096, 64)]
+
+
+def _before_configs(N: int, M: int, D: int) -> dict:
+    """The tiles of git ae320f0 (before the head split): the table row of next_pow2(D), clamped to the
+    sequence only, with next_pow2(D) columns."""
+    width = max(16, triton.next_power_of_2(D))
+    return {name: (min(c.block_m, at._pow2(N, 16, 128)), min(c.block_n, at._pow2(M, 16, 128)))
+            for name, c in at._GPU[max(64, width)].items()}, width
+
+
+def _after_configs(N: int, M: int, D: int) -> dict:
+    cfgs = at.configs(N, M, D, torch.bfloat16, torch.device("cuda"))
+    return {name: (c.block_m, c.block_n) for name, c in cfgs.items()}, sum(at.head_split(D))
+
+
+def padded_work(N: int, M: int, D: int, tiles: dict, width: int) -> tuple[float, float]:
+    """(forward, backward) MMA work on the padded tiles over the useful work (non-causal; per batch*head).
+    Every query block visits every key block: rows and keys round up to their tiles, D to `width`.
+    Forward: 2 products (QK^T, PV). Backward: dK/dV runs 4 (QK^T, dV, dP, dK), dQ 3 (QK^T, dP, dQ),
+    against FlashAttention-2's useful 5 (2.5x the forward), so the backward is >= 7/5 even unpadded."""
+    up = lambda n, b: triton.cdiv(n, b) * b  # noqa: E731
+    useful = N * M * D
+    fwd = up(N, tiles["fwd"][0]) * up(M, tiles["fwd"][1]) * width * 2
+    dkdv = up(N, tiles["dkdv"][0]) * up(M, tiles["dkdv"][1]) * width * 4
+    dq = up(N, tiles["dq"][0]) * up(M, tiles["dq"][1]) * width * 3
+    return fwd / (2 * useful), (dkdv + dq) / (5 * useful)
+
+
+def print_padded_work() -> None:
+    print("\nPadded MMA work / useful work, bf16 GPU tiles, non-causal. ARITHMETIC from the tile sizes, not a "
+          "measurement.\n")
+    print("| shape | N | D | before: D cols, fwd tile | before fwd | before bwd | after: D cols, fwd tile | "
+          "after fwd | after bwd |")
+    print("|---|---:|---:|---|---:|---:|---|---:|---:|")
+    for label, N, D in ISSUE_SHAPES:
+        row = f"| {label} | {N} | {D} |"
+        for tiles, width in (_before_configs(N, N, D), _after_configs(N, N, D)):
+            fwd, bwd = padded_work(N, N, D, tiles, width)
+            row += f" {width}, {tiles['fwd'][0]} x {tiles['fwd'][1]} | {fwd:.2f} | {bwd:.2f} |"
+        print(row)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dims", default="64,80,128,256", help="head dims, comma-separated")
+    parser.add_argument("--dims", default="64,72,80,96,128,256", help="head dims, comma-separated")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="bfloat16, float16, float32")
+    parser.add_argument("--padding-only", action="store_true", help="only the padded-work table (no compile)")
     args = parser.parse_args()
+    if args.padding_only:
+        print_padded_work()
+        return 0
     dims = [int(d) for d in args.dims.split(",")]
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     kernels = {"fwd": at._attn_fwd_kernel, "dkdv": at._attn_bwd_dkdv_kernel, "dq": at._attn_bwd_dq_kernel}
     print(f"triton {triton.__version__}, target sm_90; N = M = 4096 tiles; causal = False\n")
-    print("| kernel | D | dtype | BLOCK_M x BLOCK_N | warps | stages | shared KiB | registers | spill bytes |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
+    print("| kernel | D | D pieces | dtype | BLOCK_M x BLOCK_N | warps | stages | shared KiB | registers | spill bytes |")
+    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|")
     status = 0
     for D in dims:
         for dtype in dtypes:
             cfgs = at.configs(4096, 4096, D, dtype, torch.device("cuda"))
             for name, kernel in kernels.items():
                 cfg = cfgs[name]
-                consts = dict(D=D, PAD_D=at.block_d(D) != D, CAUSAL=False, **at._numerics(dtype),
-                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=at.block_d(D))
+                consts = dict(**at.head_consts(D), CAUSAL=False, **at._numerics(dtype),
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
                 k = _compile(kernel, dtype, consts, cfg.num_warps, cfg.num_stages)
                 shared = k.metadata.shared
                 status |= shared > SM90_SHARED
-                print(f"| {name} | {D} | {str(dtype).removeprefix('torch.')} | {cfg.block_m} x {cfg.block_n} | "
+                pieces = "+".join(str(w) for w in at.head_split(D) if w)
+                print(f"| {name} | {D} | {pieces} | {str(dtype).removeprefix('torch.')} | {cfg.block_m} x {cfg.block_n} | "
                       f"{cfg.num_warps} | {cfg.num_stages} | {shared / 1024:.0f}{' (too big)' if shared > SM90_SHARED else ''} | "
                       f"{_ptxas(k.asm['ptx'], name)} |", flush=True)
+    print_padded_work()
     return status
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.ops import attention
+from engine.ops import _checks, attention
 
 
 class Attention(nn.Module):
@@ -28,6 +28,7 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qv_bias = qkv_bias and not k_bias  # separate q and v biases, no k bias
@@ -39,7 +40,10 @@ class Attention(nn.Module):
         self._register_load_state_dict_pre_hook(self._convert_bias_layout)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        _checks.tensor("x", x, ndim=3, dtypes=None, layout="(B, N, dim)")
         B, N, C = x.shape
+        if C != self.dim:
+            raise ValueError(f"x must be (B, N, dim) with dim = {self.dim}, got shape {tuple(x.shape)}")
         if self.qv_bias:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias, requires_grad=False), self.v_bias])
             qkv = F.linear(x, self.qkv.weight, bias)
@@ -64,4 +68,5 @@ class Attention(nn.Module):
             state_dict[packed] = torch.cat([bq, torch.zeros_like(bq), bv])
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}" + (", k_bias=False" if self.qv_bias else "")
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+                + (", k_bias=False" if self.qv_bias else ""))

@@ -6,6 +6,7 @@ recomputes P from it instead of replaying the forward) and is not differentiable
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -130,8 +131,9 @@ def _check(q, k, v, causal, scale) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None:
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        # numbers.Real covers Python and NumPy scalars (np.float32 is not a float subclass, np.float64 is).
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale!r}")
 

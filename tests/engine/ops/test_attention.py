@@ -1,4 +1,5 @@
 """kfe::attention: every backend against the float64 reference, gradients, poison, bad inputs, compile."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,22 @@ def test_triton_small_blocks(monkeypatch, blocks, seq):
     _check("triton", *_inputs(2, 2, N, M, 24), causal=causal)
 
 
+# Each split head dim meets both tile shapes and both 16-bit dtypes, with N < M and N > M.
+SPLIT_CASES = [(D, blocks, dtype, NM) for D in (72, 80, 96)
+               for blocks, dtype, NM in [((16, 32), torch.float16, (37, 50)), ((32, 16), torch.bfloat16, (50, 37))]]
+
+
+@pytest.mark.parametrize("D, blocks, dtype, NM", SPLIT_CASES, ids=str)
+def test_triton_small_blocks_split_head_dim(monkeypatch, D, blocks, dtype, NM):
+    # D = 72 / 80 / 96 run as two head-dim pieces (64 + 16, 64 + 16, 64 + 32; 72's second piece is
+    # masked past D) on many blocks: bulk, causal diagonal and tails, in the GPU's 16-bit dtypes.
+    from engine.ops.attention import triton as attn_triton
+
+    cfg = attn_triton.Config(*blocks, 1, 1)
+    monkeypatch.setattr(attn_triton, "configs", lambda *a: {"fwd": cfg, "dkdv": cfg, "dq": cfg})
+    _check("triton", *_inputs(1, 1, *NM, D, dtype), causal=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_views_of_packed_qkv(backend):
     # q, k, v as the Attention module makes them: views of one (B, N, 3, H, D) projection, with
@@ -93,6 +110,14 @@ def test_explicit_scale(backend):
     q, k, v = _inputs(1, 2, 40, 60, 32)
     _check(backend, q, k, v, scale=1.0)
     _check(backend, q, k, v, scale=-0.3, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalar_scale(backend):
+    # Any real scalar is a scale: np.float32 (not a float subclass, unlike np.float64) and np.int64.
+    q, k, v = _inputs(1, 2, 9, 12, 16)
+    for scale in (np.float32(0.5), np.float64(0.5), np.int64(1)):
+        _check(backend, q, k, v, scale=scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -227,6 +252,13 @@ def test_module_rejects_indivisible_heads():
     testing.expect_error(ValueError, lambda: engine.nn.Attention(50, 3), "50", "num_heads")
 
 
+def test_module_rejects_bad_input():
+    layer = engine.nn.Attention(64, 4)
+    testing.expect_error(ValueError, lambda: layer(torch.randn(13, 64)), "x", "(B, N, dim)", "(13, 64)")
+    testing.expect_error(ValueError, lambda: layer(torch.randn(2, 13, 32)), "x", "dim = 64", "(2, 13, 32)")
+    testing.expect_error(TypeError, lambda: layer([[0.0] * 64]), "x", "Tensor")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_and_queries(backend):
     with engine.use_backend(backend):
@@ -262,6 +294,9 @@ BAD_INPUTS = [
     ("causal not bool", lambda q, k, v: attention(q, k, v, causal=1), TypeError, ["causal"]),
     ("scale nan", lambda q, k, v: attention(q, k, v, scale=float("nan")), ValueError, ["scale"]),
     ("scale tensor", lambda q, k, v: attention(q, k, v, scale=torch.tensor(1.0)), TypeError, ["scale"]),
+    ("scale numpy nan", lambda q, k, v: attention(q, k, v, scale=np.float32("nan")), ValueError, ["scale"]),
+    ("scale bool", lambda q, k, v: attention(q, k, v, scale=True), TypeError, ["scale"]),
+    ("scale numpy array", lambda q, k, v: attention(q, k, v, scale=np.ones(1)), TypeError, ["scale"]),
 ]
 
 
