@@ -7,7 +7,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-extern "C" int kfe_hog_launch(int dtype, const void* x, float* out, const float* table, const float* gk,
+extern "C" int kfe_hog_launch(int dtype, const void* x, float* out, const double* table, const float* gk,
                               const long long* index, long long units, const long long* p, int threads,
                               unsigned int shared_bytes, void* stream);
 
@@ -22,7 +22,8 @@ void hog_cuda(const at::Tensor& x, const at::Tensor& table, const at::Tensor& gk
   TORCH_CHECK(params.size() == 22, "kfe hog (cuda): expected 22 params, got ", params.size());
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device() == x.device(),
               "kfe hog (cuda): out must be contiguous float32 on x's device");
-  TORCH_CHECK(table.scalar_type() == at::kFloat && gk.scalar_type() == at::kFloat, "kfe hog (cuda): tables must be float32");
+  TORCH_CHECK(table.scalar_type() == at::kDouble && gk.scalar_type() == at::kFloat,
+              "kfe hog (cuda): table must be float64, gk float32");
   int dtype = -1;
   if (x.scalar_type() == at::kFloat) dtype = 0;
   if (x.scalar_type() == at::kHalf) dtype = 1;
@@ -34,7 +35,7 @@ void hog_cuda(const at::Tensor& x, const at::Tensor& table, const at::Tensor& gk
     idx = reinterpret_cast<const long long*>(index->data_ptr<int64_t>());
   }
   const at::DeviceGuard guard(x.device());
-  const int err = kfe_hog_launch(dtype, x.data_ptr(), out.data_ptr<float>(), table.data_ptr<float>(), gk.data_ptr<float>(),
+  const int err = kfe_hog_launch(dtype, x.data_ptr(), out.data_ptr<float>(), table.data_ptr<double>(), gk.data_ptr<float>(),
                                  idx, units, reinterpret_cast<const long long*>(params.data()), static_cast<int>(threads),
                                  static_cast<unsigned int>(shared_bytes), reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == 0, "kfe hog (cuda): kernel launch failed (cudaError ", err, ")");

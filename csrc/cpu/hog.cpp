@@ -9,10 +9,15 @@
 // index (masked targets) the tasks are the listed tokens only (runs of neighbours in a token row share
 // a band): unlisted tokens cost nothing.
 //
-// Binning is atan2-free and exact on every gradient of k/256 or 8-bit images (engine/ops/hog/plan.py):
-// fold (X, Y) = (gy, gx) into the upper half-plane, then bin = #{k : c_k*Y - s_k*X >= 0} with each
-// constant split into a 12-bit head and a tail (exact direction vectors for the rational boundaries). Math is float (double for double input). The band
-// kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time, since setup.py
+// Gradients are computed in double whatever the input type, as the reference does: the Sobel sums of
+// ordinary float32 images are exact there (engine/ops/hog/plan.py), where float rounding would move
+// pixels near a boundary to the neighbouring bin. Binning is atan2-free (plan.py): fold
+// (X, Y) = (gy, gx) into the upper half-plane, then bin = #{k : c_k*Y - s_k*X >= 0} with each constant
+// split into a 12-bit head and a tail (exact direction vectors for the rational boundaries). For
+// float/half/bf16 input the boundary tests, magnitudes and sums run in float (twice the vector lanes)
+// on the exact gradient rounded to float, and the rare pixel whose float cross product is within its
+// error bound of zero is re-binned in double afterwards; double input runs in double throughout. The
+// band kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time, since setup.py
 // builds for the baseline ISA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,6 +27,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -33,19 +39,28 @@ struct Geometry {
 
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> rows, weight, past, mag, X, Y, sums;
+  std::vector<double> rows;  // the band's input rows, reflect-padded, as double
+  // nb, near (float path): boundaries passed per column, and a 0/1 near-boundary flag, kept in acc_t
+  // like everything else in the vote loop (mixed element widths keep it from vectorising well).
+  std::vector<acc_t> weight, past, mag, X, Y, sums, nb, near;
   explicit Scratch(const Geometry& g, int64_t width)
       : rows((g.cell + 2) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width),
-        Y(width), sums(g.nbins * (width / g.cell)) {}
+        Y(width), sums(g.nbins * (width / g.cell)), nb(width), near(width) {}
 };
 
 inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
 
-// Folded gradient (X, Y) = (gy, gx) -> upper half-plane; does it lie on or past boundary k?
+// Cross product of the folded gradient (X, Y) with boundary t = (c_hi, c_lo, s_hi, s_lo): >= 0 on or past it.
 template <typename acc_t>
-inline __attribute__((always_inline)) bool past_boundary(const acc_t* t, acc_t X, acc_t Y) {
-  return ((t[0] * Y - t[2] * X) + (t[1] * Y - t[3] * X)) >= 0;  // t = c_hi, c_lo, s_hi, s_lo
+inline __attribute__((always_inline)) acc_t cross(const acc_t* t, acc_t X, acc_t Y) {
+  return (t[0] * Y - t[2] * X) + (t[1] * Y - t[3] * X);
 }
+
+// Float cross products of a gradient rounded to float are within ~6 * 2^-24 (|X| + |Y|) of the exact
+// ones (rounding of X and Y, four products and three sums with the split constants); a pixel within
+// NEAR (2^-18, 10x margin) of that of a boundary is re-binned in double. Below |X| + |Y| = TINY the float
+// products could underflow: those (nonzero) gradients vote in double only.
+constexpr float NEAR = 0x1p-18f, TINY = 0x1p-100f;
 
 // Histograms (ncx * nbins, un-normalised) of cells [cx0, cx0 + ncx) in cell row cy of one channel plane.
 //
@@ -53,50 +68,92 @@ inline __attribute__((always_inline)) bool past_boundary(const acc_t* t, acc_t X
 // gradient lies past boundary k. The bins are nested (a pixel past boundary k is past every boundary
 // before it), so per cell hist[b] = S_b - S_{b+1} with S_k the cell's sum of past[k]: every loop is a
 // plain vector loop. NB > 0 unrolls the boundaries (the common nbins); NB = 0 takes nbins at run time.
+// table: boundaries in acc_t; table64: the same in double (the re-binning); gk: the window in acc_t.
 template <int NB, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void band_impl(const scalar_t* plane, const Geometry& g, const acc_t* table,
-                                                     const acc_t* gk, int64_t cy, int64_t cx0, int64_t ncx,
-                                                     Scratch<acc_t>& s, acc_t* hist) {
+                                                     const double* table64, const acc_t* gk, int64_t cy, int64_t cx0,
+                                                     int64_t ncx, Scratch<acc_t>& s, acc_t* hist) {
+  constexpr bool rebin = !std::is_same_v<acc_t, double>;  // float tests on a rounded gradient
   const int64_t nbins = NB > 0 ? NB : g.nbins;
   const int64_t width = ncx * g.cell, x0 = cx0 * g.cell, stride = width + 2;
-  acc_t* __restrict rows = s.rows.data();
-  for (int64_t r = 0; r < g.cell + 2; ++r) {  // image rows y0-1 .. y0+cell, reflect-padded, as acc_t
+  double* __restrict rows = s.rows.data();
+  for (int64_t r = 0; r < g.cell + 2; ++r) {  // image rows y0-1 .. y0+cell, reflect-padded, as double
     const scalar_t* src = plane + reflect(cy * g.cell + r - 1, g.H) * g.W;
-    acc_t* dst = rows + r * stride;
-    dst[0] = static_cast<acc_t>(src[reflect(x0 - 1, g.W)]);
-    for (int64_t i = 0; i < width; ++i) dst[i + 1] = static_cast<acc_t>(src[x0 + i]);
-    dst[width + 1] = static_cast<acc_t>(src[reflect(x0 + width, g.W)]);
+    double* dst = rows + r * stride;
+    dst[0] = static_cast<double>(src[reflect(x0 - 1, g.W)]);
+    for (int64_t i = 0; i < width; ++i) dst[i + 1] = static_cast<double>(src[x0 + i]);
+    dst[width + 1] = static_cast<double>(src[reflect(x0 + width, g.W)]);
   }
   acc_t* __restrict past = s.past.data();
   acc_t* __restrict weight = s.weight.data();  // all 1 without a Gaussian window
+  acc_t *__restrict mags = s.mag.data(), *__restrict Xs = s.X.data(), *__restrict Ys = s.Y.data();
+  acc_t *__restrict nb = s.nb.data(), *__restrict near = s.near.data();
   std::fill(past, past + nbins * width, acc_t(0));
   for (int64_t r = 0; r < g.cell; ++r) {
     if (g.gw) {
       const acc_t* wrow = gk + ((cy * g.cell + r) % g.gw) * g.gw;
       for (int64_t i = 0; i < width; ++i) weight[i] = wrow[(x0 + i) % g.gw];
     }
-    const acc_t *__restrict up = rows + r * stride, *__restrict mid = up + stride, *__restrict dn = mid + stride;
-    acc_t *__restrict mags = s.mag.data(), *__restrict Xs = s.X.data(), *__restrict Ys = s.Y.data();
-    _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) {
+    const double *__restrict up = rows + r * stride, *__restrict mid = up + stride, *__restrict dn = mid + stride;
+    _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) {  // exact gradients, folded, rounded to acc_t
       // Kx = [[1,0,-1],[2,0,-2],[1,0,-1]], Ky = Kx^T, as cross-correlation.
-      const acc_t dx = (up[i] - up[i + 2]) + acc_t(2) * (mid[i] - mid[i + 2]) + (dn[i] - dn[i + 2]);
-      const acc_t dy = (up[i] + acc_t(2) * up[i + 1] + up[i + 2]) - (dn[i] + acc_t(2) * dn[i + 1] + dn[i + 2]);
-      const acc_t mag = std::sqrt(dx * dx + dy * dy) * weight[i];
-      const bool flip = dx < 0 || (dx == 0 && dy < 0);
-      const acc_t Y = flip ? -dx : dx, X = flip ? -dy : dy;
+      const double dx = (up[i] - up[i + 2]) + 2.0 * (mid[i] - mid[i + 2]) + (dn[i] - dn[i + 2]);
+      const double dy = (up[i] + 2.0 * up[i + 1] + up[i + 2]) - (dn[i] + 2.0 * dn[i + 1] + dn[i + 2]);
+      // Fold by a sign factor, not a branch or select (either keeps GCC from vectorising the loop).
+      const double sign = 1.0 - 2.0 * ((dx < 0) | ((dx == 0) & (dy < 0)));
+      Ys[i] = static_cast<acc_t>(sign * dx), Xs[i] = static_cast<acc_t>(sign * dy);
+    }
+    // Float arithmetic only (0/1 factors, no bools or branches), which GCC vectorises.
+    acc_t any_near = 0;
+    _Pragma("omp simd reduction(max:any_near)") for (int64_t i = 0; i < width; ++i) {
+      const acc_t X = Xs[i], Y = Ys[i], size = std::fabs(X) + Y, tol = acc_t(NEAR) * size;
+      const acc_t tiny = rebin && size < acc_t(TINY) ? acc_t(1) : acc_t(0);  // no float vote
+      const acc_t mag = std::sqrt(X * X + Y * Y) * weight[i] * (acc_t(1) - tiny);
+      acc_t n = 0, close = size > 0 ? tiny : acc_t(0);  // zero gradients: nothing to vote
       past[i] += mag;
       if constexpr (NB > 0) {  // all boundaries while the pixel is in registers
 #pragma GCC unroll 32
-        for (int k = 1; k < NB; ++k) past[k * width + i] += past_boundary(table + 4 * (k - 1), X, Y) ? mag : acc_t(0);
-      } else {
-        mags[i] = mag, Xs[i] = X, Ys[i] = Y;
+        for (int k = 1; k < NB; ++k) {
+          const acc_t c = cross(table + 4 * (k - 1), X, Y), passed = c >= 0 ? acc_t(1) : acc_t(0);
+          past[k * width + i] += passed * mag;
+          if constexpr (rebin) n += passed, close = std::max(close, std::fabs(c) <= tol ? acc_t(1) : acc_t(0));
+        }
       }
+      mags[i] = mag, nb[i] = n, near[i] = close;
+      any_near = std::max(any_near, close);
     }
     if constexpr (NB == 0) {
       for (int64_t k = 1; k < nbins; ++k) {
         const acc_t* t = table + 4 * (k - 1);
         acc_t* __restrict pk = past + k * width;
-        _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) pk[i] += past_boundary(t, Xs[i], Ys[i]) ? mags[i] : acc_t(0);
+        _Pragma("omp simd reduction(max:any_near)") for (int64_t i = 0; i < width; ++i) {
+          const acc_t c = cross(t, Xs[i], Ys[i]), passed = c >= 0 ? acc_t(1) : acc_t(0);
+          pk[i] += passed * mags[i];
+          if constexpr (rebin) {
+            const acc_t tol = acc_t(NEAR) * (std::fabs(Xs[i]) + Ys[i]);
+            const acc_t close = std::max(near[i], std::fabs(c) <= tol ? acc_t(1) : acc_t(0));
+            nb[i] += passed, near[i] = close, any_near = std::max(any_near, close);
+          }
+        }
+      }
+    }
+    if (rebin && any_near > 0) {  // rare: re-bin in double the pixels the float tests could have misplaced
+      for (int64_t i = 0; i < width; ++i) {
+        if (near[i] == 0) continue;
+        const double dx = (up[i] - up[i + 2]) + 2.0 * (mid[i] - mid[i + 2]) + (dn[i] - dn[i + 2]);
+        const double dy = (up[i] + 2.0 * up[i + 1] + up[i + 2]) - (dn[i] + 2.0 * dn[i + 1] + dn[i + 2]);
+        const bool flip = dx < 0 || (dx == 0 && dy < 0);
+        const double Y = flip ? -dx : dx, X = flip ? -dy : dy;
+        int64_t exact = 0;
+        for (int64_t k = 1; k < nbins; ++k) exact += cross(table64 + 4 * (k - 1), X, Y) >= 0;
+        // The float tests are right but at the one boundary near the pixel (boundaries are pi/nbins
+        // apart), so the float vote went to past[0..nb[i]] (nested): move it to past[0..exact]. A tiny
+        // gradient had no float vote (had = -1): it votes here.
+        const bool tiny = std::fabs(Xs[i]) + Ys[i] < acc_t(TINY);
+        const int64_t had = tiny ? -1 : static_cast<int64_t>(nb[i]);
+        const acc_t mag = tiny ? std::sqrt(Xs[i] * Xs[i] + Ys[i] * Ys[i]) * weight[i] : mags[i];
+        for (int64_t k = std::min(exact, had) + 1; k <= std::max(exact, had); ++k)
+          past[k * width + i] += exact > had ? mag : -mag;
       }
     }
   }
@@ -114,9 +171,9 @@ inline __attribute__((always_inline)) void band_impl(const scalar_t* plane, cons
 }
 
 #define KFE_HOG_BAND_ARGS                                                                                   \
-  const scalar_t *plane, const Geometry &g, const acc_t *table, const acc_t *gk, int64_t cy, int64_t cx0,   \
-      int64_t ncx, Scratch<acc_t> &s, acc_t *hist
-#define KFE_HOG_BAND_CALL band_impl<NB, scalar_t, acc_t>(plane, g, table, gk, cy, cx0, ncx, s, hist)
+  const scalar_t *plane, const Geometry &g, const acc_t *table, const double *table64, const acc_t *gk,     \
+      int64_t cy, int64_t cx0, int64_t ncx, Scratch<acc_t> &s, acc_t *hist
+#define KFE_HOG_BAND_CALL band_impl<NB, scalar_t, acc_t>(plane, g, table, table64, gk, cy, cx0, ncx, s, hist)
 
 template <int NB, typename scalar_t, typename acc_t>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void band_avx512(KFE_HOG_BAND_ARGS) {
@@ -183,8 +240,11 @@ void hog_typed(const at::Tensor& x, const at::Tensor& table_t, const at::Tensor&
                int64_t count, const Geometry& g, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  const acc_t* table = table_t.data_ptr<acc_t>();
-  const acc_t* gk = gk_t.data_ptr<acc_t>();
+  const double* table64 = table_t.data_ptr<double>();
+  // The boundary table and window in acc_t: float heads are exact, float tails rounded (plan.bin_table).
+  const std::vector<acc_t> table_acc(table64, table64 + table_t.numel());
+  const std::vector<acc_t> gk_acc(gk_t.data_ptr<double>(), gk_t.data_ptr<double>() + gk_t.numel());
+  const acc_t *table = table_acc.data(), *gk = gk_acc.data();
   acc_t* op = out.data_ptr<acc_t>();
   const BandFn<scalar_t, acc_t> band = pick_band<scalar_t, acc_t>(g.nbins);
   const int64_t plane_size = g.H * g.W;
@@ -202,7 +262,7 @@ void hog_typed(const at::Tensor& x, const at::Tensor& table_t, const at::Tensor&
       const int64_t f = tok / per_frame, ty = (tok % per_frame) / ntx, tx = tok % ntx;
       for (int64_t c = 0; c < g.C; ++c)
         for (int64_t iy = 0; iy < u; ++iy) {
-          band(plane_of(f, c), g, table, gk, ty * u + iy, tx * u, n * u, s, hist);
+          band(plane_of(f, c), g, table, table64, gk, ty * u + iy, tx * u, n * u, s, hist);
           acc_t* row = op + k0 * D + c * g.nbins * u * u + iy * u;  // cell j: token k0 + j/u, column j%u
           normalise_and_store(hist, n * u, g.nbins,
                               [&](int64_t j, int64_t b) { return row + (j / u) * D + b * u * u + j % u; });
@@ -214,7 +274,7 @@ void hog_typed(const at::Tensor& x, const at::Tensor& table_t, const at::Tensor&
   dynamic_for<acc_t>(g.B * g.T * g.h, g, [&](int64_t task, Scratch<acc_t>& s, acc_t* hist) {
     const int64_t f = task / g.h, cy = task % g.h;
     for (int64_t c = 0; c < g.C; ++c) {
-      band(plane_of(f, c), g, table, gk, cy, 0, g.w, s, hist);
+      band(plane_of(f, c), g, table, table64, gk, cy, 0, g.w, s, hist);
       if (g.u == 0) {  // (B, T, C, nbins, h, w)
         acc_t* base = op + ((f * g.C + c) * g.nbins * g.h + cy) * g.w;
         normalise_and_store(hist, g.w, g.nbins, [&](int64_t cx, int64_t b) { return base + b * g.h * g.w + cx; });
@@ -233,7 +293,8 @@ void check_buffer(const at::Tensor& t, at::ScalarType dtype, int64_t numel, cons
               " must be contiguous ", dtype, " with ", numel, " elements");
 }
 
-// x (B, C, T, H, W) contiguous; table (max(nbins-1, 1), 4) and gk (gw*gw or 1,) in the math dtype;
+// x (B, C, T, H, W) contiguous; table (max(nbins-1, 1), 4) and gk (gw*gw or 1,) double;
+// out float (double for double x);
 // patch = 0: out is kfe::hog's (B, T, C, nbins, h, w); else the targets (tokens or index rows, D).
 void hog_cpp(const at::Tensor& x, const at::Tensor& table, const at::Tensor& gk, const std::optional<at::Tensor>& index,
              int64_t nbins, int64_t cell, int64_t gaussian_window, int64_t patch, at::Tensor out) {
@@ -245,8 +306,8 @@ void hog_cpp(const at::Tensor& x, const at::Tensor& table, const at::Tensor& gk,
   TORCH_CHECK(g.H % cell == 0 && g.W % cell == 0 && g.H >= 2 && g.W >= 2, "kfe hog (cpp): H, W must be multiples of cell, >= 2");
   TORCH_CHECK(g.u == 0 || (g.h % g.u == 0 && g.w % g.u == 0), "kfe hog (cpp): H, W must be multiples of patch");
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_buffer(table, acc, 4 * std::max<int64_t>(nbins - 1, 1), "table");
-  check_buffer(gk, acc, gaussian_window ? gaussian_window * gaussian_window : 1, "gk");
+  check_buffer(table, at::kDouble, 4 * std::max<int64_t>(nbins - 1, 1), "table");
+  check_buffer(gk, at::kDouble, gaussian_window ? gaussian_window * gaussian_window : 1, "gk");
   const int64_t* idx = nullptr;
   int64_t count = 0;
   const int64_t D = g.C * nbins * g.u * g.u;

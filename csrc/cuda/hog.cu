@@ -13,7 +13,11 @@
 //      votes summed into that thread's own shared-memory histogram row (no atomics: deterministic),
 //   3. runs one thread per (channel, cell, bin): adds the cell's `cell` row histograms in a fixed
 //      order, then L2-normalises over the bins (eps 1e-12) and writes through the output strides.
-// Math is fp32; the image is read from global memory once, the result written once.
+// The image is read from global memory once, the result written once. Gradients are double sums of the
+// (float-exact) pixel values, exact for ordinary images (plan.py), so the bins are the reference's; the
+// bin is counted in fp32 on the rounded gradient and checked in double against the two boundaries
+// around it (fp32 rounding moves the angle by ~1e-7, far less than a bin): two double cross products
+// per pixel rather than nbins - 1. Magnitudes, histograms and the normalisation are fp32.
 
 __device__ __forceinline__ float kfe_load(const float* p, long long i) { return p[i]; }
 
@@ -38,20 +42,28 @@ __device__ __forceinline__ float kfe_load(const kfe_bf16_bits* p, long long i) {
 
 __device__ __forceinline__ int kfe_reflect(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
 
-// Number of boundaries k (theta_k = (k+1) pi / nbins) that the gradient lies on or past.
-__device__ __forceinline__ int kfe_bin(float gx, float gy, const float* table, int nbins) {
-  const bool flip = gx < 0.f || (gx == 0.f && gy < 0.f);  // fold (X, Y) = (gy, gx) to the upper half-plane
-  const float Y = flip ? -gx : gx, X = flip ? -gy : gy;
+template <typename T>
+__device__ __forceinline__ T kfe_cross(const T* t, T X, T Y) {  // t = c_hi, c_lo, s_hi, s_lo; >= 0: on or past
+  return (t[0] * Y - t[2] * X) + (t[1] * Y - t[3] * X);
+}
+
+// Number of boundaries k (theta_k = (k+1) pi / nbins) that the exact gradient lies on or past: counted
+// in fp32 (table: the fp32 constants), then boundaries b-1 and b checked in double (table64).
+__device__ __forceinline__ int kfe_bin(double gx, double gy, const float* table, const double* table64, int nbins) {
+  const bool flip = gx < 0.0 || (gx == 0.0 && gy < 0.0);  // fold (X, Y) = (gy, gx) to the upper half-plane
+  const double Y = flip ? -gx : gx, X = flip ? -gy : gy;
+  // Only the direction matters: an exact power-of-two scale keeps the fp32 copy clear of under/overflow.
+  const double size = fabs(X) + Y, scale = size < 0x1p-100 ? 0x1p+100 : (size > 0x1p+100 ? 0x1p-100 : 1.0);
+  const float Yf = static_cast<float>(Y * scale), Xf = static_cast<float>(X * scale);
   int b = 0;
-  for (int k = 0; k + 1 < nbins; ++k) {
-    const float* t = table + 4 * k;  // c_hi, c_lo, s_hi, s_lo
-    b += ((t[0] * Y - t[2] * X) + (t[1] * Y - t[3] * X)) >= 0.f;
-  }
+  for (int k = 0; k + 1 < nbins; ++k) b += kfe_cross(table + 4 * k, Xf, Yf) >= 0.f;
+  if (b > 0 && kfe_cross(table64 + 4 * (b - 1), X, Y) < 0.0) return b - 1;
+  if (b + 1 < nbins && kfe_cross(table64 + 4 * b, X, Y) >= 0.0) return b + 1;
   return b;
 }
 
 template <typename In>
-__device__ void kfe_hog_unit(const In* __restrict__ x, float* __restrict__ out, const float* __restrict__ table,
+__device__ void kfe_hog_unit(const In* __restrict__ x, float* __restrict__ out, const double* __restrict__ table,
                              const float* __restrict__ gk, const long long* __restrict__ index, int C, int T, int H,
                              int W, int h, int w, int nbins, int cell, int gw, int uh, int uw, long long nty,
                              long long ntx, long long sK, long long sF, long long sTY, long long sTX, long long sC,
@@ -75,7 +87,8 @@ __device__ void kfe_hog_unit(const In* __restrict__ x, float* __restrict__ out, 
   float* halo = tbl + 4 * (nbins > 1 ? nbins - 1 : 1);
   float* part = halo + ch * (uh * cell + 2) * (uw * cell + 2);
   float* hist = part + ch * uh * cell * uw * nbins;
-  for (int i = threadIdx.x; i < 4 * (nbins - 1); i += blockDim.x) tbl[i] = table[i];
+  // fp32 constants: heads exact, tails rounded (as plan.bin_table's float32 table).
+  for (int i = threadIdx.x; i < 4 * (nbins - 1); i += blockDim.x) tbl[i] = static_cast<float>(table[i]);
 
   for (int c0 = 0; c0 < C; c0 += ch) {
     const int nc = min(ch, C - c0);
@@ -95,11 +108,14 @@ __device__ void kfe_hog_unit(const In* __restrict__ x, float* __restrict__ out, 
       const float* dn = mid + (TW + 2);
       float* acc = part + j * nbins;
       for (int i = 0; i < cell; ++i) {
-        const float gx = (up[i] - up[i + 2]) + 2.f * (mid[i] - mid[i + 2]) + (dn[i] - dn[i + 2]);
-        const float gy = (up[i] + 2.f * up[i + 1] + up[i + 2]) - (dn[i] + 2.f * dn[i + 1] + dn[i + 2]);
-        float mag = sqrtf(gx * gx + gy * gy);
+        const double u0 = up[i], u1 = up[i + 1], u2 = up[i + 2], m0 = mid[i], m2 = mid[i + 2];
+        const double d0 = dn[i], d1 = dn[i + 1], d2 = dn[i + 2];
+        const double gx = (u0 - u2) + 2.0 * (m0 - m2) + (d0 - d2);
+        const double gy = (u0 + 2.0 * u1 + u2) - (d0 + 2.0 * d1 + d2);
+        const float gxf = static_cast<float>(gx), gyf = static_cast<float>(gy);
+        float mag = sqrtf(gxf * gxf + gyf * gyf);
         if (gw > 0) mag *= gk[((y0 + row) % gw) * gw + (x0 + q * cell + i) % gw];
-        acc[kfe_bin(gx, gy, tbl, nbins)] += mag;
+        acc[kfe_bin(gx, gy, tbl, table, nbins)] += mag;
       }
     }
     __syncthreads();
@@ -128,7 +144,7 @@ __device__ void kfe_hog_unit(const In* __restrict__ x, float* __restrict__ out, 
 }
 
 #define KFE_HOG_PARAMS                                                                                       \
-  const float *__restrict__ table, const float *__restrict__ gk, const long long *__restrict__ index, int C,  \
+  const double *__restrict__ table, const float *__restrict__ gk, const long long *__restrict__ index, int C, \
       int T, int H, int W, int h, int w, int nbins, int cell, int gw, int uh, int uw, long long nty,          \
       long long ntx, long long sK, long long sF, long long sTY, long long sTX, long long sC, long long sBin, \
       long long sY, long long sX, int ch
@@ -151,7 +167,7 @@ extern "C" __global__ void kfe_hog_bf16(const kfe_bf16_bits* __restrict__ x, flo
 // Host launcher for engine._C (csrc/hog_cuda.cpp registers it as kfe::_hog_cuda). p holds, in order:
 // C, T, H, W, h, w, nbins, cell, gw, uh, uw, nty, ntx, sK, sF, sTY, sTX, sC, sBin, sY, sX, ch.
 // dtype: 0 float32, 1 float16, 2 bfloat16. Returns the cudaError_t of the launch.
-extern "C" int kfe_hog_launch(int dtype, const void* x, float* out, const float* table, const float* gk,
+extern "C" int kfe_hog_launch(int dtype, const void* x, float* out, const double* table, const float* gk,
                               const long long* index, long long units, const long long* p, int threads,
                               unsigned int shared_bytes, void* stream) {
   if (units == 0) return 0;

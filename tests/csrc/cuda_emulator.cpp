@@ -33,7 +33,7 @@ using std::min;
 #include KFE_CUDA_SOURCE
 
 // Same contract as kfe_hog_launch in hog.cu, executed on the host.
-extern "C" int kfe_hog_emulate(int dtype, const void* x, float* out, const float* table, const float* gk,
+extern "C" int kfe_hog_emulate(int dtype, const void* x, float* out, const double* table, const float* gk,
                                const long long* index, long long units, const long long* p, unsigned int shared_bytes) {
   if (shared_bytes > sizeof(smem)) return 1;
   blockDim.x = 1;

@@ -1,6 +1,7 @@
 """The CUDA HOG kernel (csrc/cuda/hog.cu) executed on the CPU by tests/csrc/cuda_emulator.cpp, against the
 float64 reference: its indexing, halo, shared-memory histograms, channel chunks, partial tiles, token
-index and output strides, where no GPU exists. Inputs are k/256 images, as in tests/engine/ops/test_hog.py."""
+index and output strides, where no GPU exists. Inputs are k/256 images, as in tests/engine/ops/test_hog.py,
+and ordinary fp32 images (k/255, normalised)."""
 import ctypes
 import shutil
 import subprocess
@@ -78,6 +79,22 @@ def test_emulated_cuda_kernel_matches_reference(emulator, dtype, case):
     got = run(emulator, x5, plan.token_units(x5, mask, patch, nbins, cell), nbins, gw)
     want = reference.hog_targets(x.double(), patch=patch, mask=mask, **kw)
     testing.assert_close(got, want, torch.float32, name="masked targets")
+
+
+@pytest.mark.parametrize("image", ["k/255", "normalised"])
+def test_emulated_cuda_kernel_ordinary_fp32_images(emulator, image):
+    # fp32 images that are not k/256 (ToTensor's k/255, mean/std normalised): the kernel's float64
+    # gradients and float64-checked bins must give the float64 reference's bins.
+    from tests.engine.ops.test_hog import ordinary
+
+    for shape, nbins in [((2, 3, 40, 56), 9), ((1, 3, 32, 48), 8)]:
+        x = ordinary(shape, image)
+        x5 = x.unsqueeze(2)
+        got = run(emulator, x5, plan.hog_units(x5, nbins, 8, 2, 2), nbins, 0).squeeze(1)
+        testing.assert_close(got, reference.hog(x.double(), nbins=nbins), torch.float32, name="hog")
+        got = run(emulator, x5, plan.token_units(x5, None, 8, nbins, 8), nbins, 0)
+        want = reference.hog_targets(x.double(), patch=8, nbins=nbins)
+        testing.assert_close(got, want, torch.float32, name="targets")
 
 
 def test_emulated_cuda_kernel_exact_boundaries(emulator):

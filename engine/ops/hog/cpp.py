@@ -11,9 +11,9 @@ _ext.require()  # registers torch.ops.kfe._hog_cpp
 
 def _run(x, index, units, nbins, cell, gaussian_window, patch):
     x = x.contiguous()
-    acc = plan.math_dtype(x)
-    out = plan.empty_output(units, x.device, acc)
-    torch.ops.kfe._hog_cpp(x, plan.bin_table(nbins, acc, x.device), plan.gauss_table(gaussian_window, acc, x.device),
+    out = plan.empty_output(units, x.device, plan.math_dtype(x))
+    f64 = torch.float64  # the kernel computes gradients and bins in double (plan.py)
+    torch.ops.kfe._hog_cpp(x, plan.bin_table(nbins, f64, x.device), plan.gauss_table(gaussian_window, f64, x.device),
                            index, nbins, cell, gaussian_window, patch, out)
     return out
 

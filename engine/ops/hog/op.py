@@ -31,6 +31,12 @@ def _triton_reasons(x, nbins=9, cell=8, *rest) -> list[str]:
     return why
 
 
+def _cuda_reasons(x, nbins=9, cell=8, patch=None, *rest) -> list[str]:
+    from engine.ops.hog import cuda  # importable without CUDA
+
+    return cuda.size_reasons(x.shape[1], nbins, cell, patch)
+
+
 def _cuda_missing() -> list[str]:
     if _ext.has_op("_hog_cuda"):
         return []
@@ -39,7 +45,7 @@ def _cuda_missing() -> list[str]:
 
 
 BACKENDS = register(OpBackends("hog", example=_example))
-BACKENDS.add(Impl("cuda", "engine.ops.hog.cuda", dtypes=LOWP, available=_cuda_missing))
+BACKENDS.add(Impl("cuda", "engine.ops.hog.cuda", dtypes=LOWP, available=_cuda_missing, check=_cuda_reasons))
 BACKENDS.add(Impl("triton", "engine.ops.hog.triton", dtypes=LOWP, check=_triton_reasons))
 BACKENDS.add(Impl("cpp", "engine.ops.hog.cpp", dtypes=FLOAT_DTYPES,
                   available=lambda: [] if _ext.has_op("_hog_cpp") else ["engine._C has no HOG kernel"]))
@@ -64,7 +70,7 @@ def _hog_fake(images, nbins, cell, gaussian_window):
 @torch.library.custom_op("kfe::hog_targets", mutates_args=())
 def _hog_targets(images: torch.Tensor, mask: Optional[torch.Tensor], patch: int, nbins: int, cell: int,
                  gaussian_window: int) -> torch.Tensor:
-    return BACKENDS.select(images, nbins, cell).hog_targets_op(images, mask, patch, nbins, cell, gaussian_window)
+    return BACKENDS.select(images, nbins, cell, patch).hog_targets_op(images, mask, patch, nbins, cell, gaussian_window)
 
 
 @_hog_targets.register_fake
@@ -88,6 +94,8 @@ def _check_images(images, nbins, cell, gaussian_window) -> torch.Tensor:
     _checks.tensor("images", images)
     if images.dim() not in (4, 5):
         raise ValueError(f"images must be (B, C, H, W) or a video (B, C, T, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] < 1:
+        raise ValueError(f"images must have at least one channel (C >= 1), got shape {tuple(images.shape)}")
     _int("nbins", nbins, 1)
     _int("cell", cell, 1)
     _int("gaussian_window", gaussian_window, 0)

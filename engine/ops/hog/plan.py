@@ -7,18 +7,29 @@ theta_k = k*pi/nbins, k = 1..nbins-1, that P lies on or past:
 
     bin = #{k : cos(theta_k) * Y - sin(theta_k) * X >= 0}
 
-A float atan2 can put a pixel whose angle lies within rounding of a boundary on either side. Here the
-sign of each cross product survives rounding on every gradient of an image of k/256 values (or of
-8-bit pixels): their Sobel sums are integers / 256 of magnitude <= 1024, each constant is split into
-a 12-bit head and a tail, `c = c_hi + c_lo`, so the products c_hi * Y are exact and what rounding
-remains is ~2^-35 |P|, far below the smallest nonzero |cross product| such gradients have (3.1e-7 |P|
-for nbins = 9). tests/engine/ops/test_hog_bins.py checks all 4.2M of them, with and without FMA.
-The boundaries with a rational slope (pi/2, pi/4, 3pi/4; even nbins) use the exact directions (0, 1),
-(1, 1), (-1, 1) instead (only the direction matters), so gradients exactly on them give a cross
-product of exactly 0, fused multiply-adds or not, and land on the upper side as in the reference; the
-other boundaries have no exact ties. On arbitrary fp32 images the kernels agree with a float64
-reference except for pixels within ~1e-7 of a boundary (whose fp32 gradients already differ), as any
-fp32 evaluation would.
+Exact gradients. Every path (the reference included) takes the Sobel sums in float64 of the input
+values as given. A weighted sum of float32 (or fp16/bf16) values is exact in float64, in any order,
+whenever the nonzero values of the 3x3 neighbourhood lie within 2^26 of each other in magnitude: every
+ordinary image (raw 0..255, k/255 as ToTensor gives, mean/std normalised). So all paths see the same
+gradient. In float32 they would not: its rounding exceeds the distance to a boundary often enough to
+move 1-2% of the output values of a k/255 image (by up to 0.1).
+
+Bins of an exact gradient. The reference bins with float64 atan2; the fast paths with the cross
+products above, in float64 (C++ for double input; the final check elsewhere) or in float32 on the
+gradient rounded to float32, with a guard: C++ re-bins in float64 every pixel whose float32 cross
+product is within its error bound (~2^-21 |P|, checked at 2^-18) of zero; Triton and CUDA count the
+bin in float32 and then check the two boundaries around it in float64 (float32 moves the angle by
+~1e-7, a bin is pi/nbins wide). Each constant is split into a 12-bit head and a tail, c = c_hi + c_lo,
+so that c_hi * Y is exact for short gradients (the k/256 images' are 11-bit integers / 256: float32
+then errs by ~2^-35 |P| only). The boundaries with a rational slope (pi/2, pi/4, 3pi/4; even nbins)
+use the exact directions (0, 1), (1, 1), (-1, 1) instead (only the direction matters), so gradients
+exactly on them give a cross product of exactly 0, fused multiply-adds or not, and land on the upper
+side as in the reference; the other boundaries have no exact ties. What remains is float64 rounding,
+~1e-16 |P|, on both sides: a pixel whose orientation is that close to a boundary may be binned
+differently by the reference's atan2 and by a fast path; none occurs in the tests (ordinary images,
+and all 4.2M gradients of k/256 images, whose nearest approach is 3.1e-7 |P| for nbins = 9,
+test_hog_bins.py). Magnitudes are float32 (float64 for float64 input): a nonzero gradient below ~1e-19
+(inputs of that scale) has a float32 magnitude of 0.
 
 Work units. A kernel program (Triton), task (C++) or block (CUDA) owns a rectangle of uh x uw cells of
 one frame, all channels, and writes its normalised histograms at

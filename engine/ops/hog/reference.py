@@ -20,7 +20,9 @@ Tokens are numbered row-major within a frame; a video (B, C, T, H, W) is HOG'd f
 tokens are numbered frame-major: token = t * (H/patch) * (W/patch) + row * (W/patch) + col.
 (MaskFeat first subsamples frames by the temporal patch stride; that is the caller's choice.)
 
-Sums run in float32 (float64 for float64 input), as the official code's float32 histogram buffer.
+Gradients and orientations are taken in float64 (exact for the Sobel sums of ordinary images, see
+hog_cells); magnitudes are summed in float32 (float64 for float64 input), as the official code's
+float32 histogram buffer.
 Everything here is a label: nothing is differentiated (the official layer runs under no_grad).
 """
 from __future__ import annotations
@@ -57,20 +59,23 @@ def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def hog_cells(frames: torch.Tensor, nbins: int = 9, cell: int = 8, gaussian_window: int = 0) -> torch.Tensor:
     """Normalised cell histograms (N, C, nbins, H/cell, W/cell) of frames (N, C, H, W)."""
-    x = frames.detach().to(acc_dtype(frames))
-    N, C, H, W = x.shape
-    gx, gy = sobel(x)
-    mag = torch.stack([gx, gy], dim=-1).norm(dim=-1)            # (N, C, H, W)
-    # The phase is evaluated in float64 whatever the input precision: orientations exactly on a bin
-    # boundary (pi/4, pi/2, 3pi/4, possible when nbins is even) then land on the upper side as in exact
-    # arithmetic, where float32 atan2 sometimes rounds 3pi/4 down. For nbins = 9 (MaskFeat) this equals
-    # the official float32 computation on every gradient of an image of k/256 values (test_hog_bins.py).
-    phase = torch.atan2(gx.double(), gy.double()) / math.pi * nbins  # in [-nbins, nbins]
+    N, C, H, W = frames.shape
+    dtype = acc_dtype(frames)
+    # Gradients and phase are evaluated in float64 whatever the input precision: the bins are those of
+    # the input values as given. A Sobel sum of float32 (or lower) values is exact in float64 whenever
+    # the nonzero values of the 3x3 neighbourhood lie within 2^26 of each other in magnitude (every
+    # ordinary image, raw, /255 or mean/std normalised), in any summation order, so every path that
+    # does the same sees the same gradient; in float32 the rounded gradient flips bins of pixels near a
+    # boundary (1-2% of the values of a /255 image). Orientations exactly on a boundary (pi/4, pi/2,
+    # 3pi/4, when nbins is even) land on the upper side as in exact arithmetic.
+    gx, gy = sobel(frames.detach().double())
+    mag = torch.stack([gx, gy], dim=-1).norm(dim=-1).to(dtype)  # (N, C, H, W)
+    phase = torch.atan2(gx, gy) / math.pi * nbins               # in [-nbins, nbins]
     bins = phase.floor().long() % nbins                         # (N, C, H, W), in [0, nbins)
     if gaussian_window:
         w = gaussian_window
-        mag = mag * gaussian_kernel(w, x.dtype, x.device).repeat(H // w, W // w)
-    votes = torch.zeros(N, C, nbins, H, W, dtype=x.dtype, device=x.device)
+        mag = mag * gaussian_kernel(w, dtype, mag.device).repeat(H // w, W // w)
+    votes = torch.zeros(N, C, nbins, H, W, dtype=dtype, device=mag.device)
     votes.scatter_add_(2, bins.unsqueeze(2), mag.unsqueeze(2))  # one-hot vote per pixel
     cells = votes.unfold(3, cell, cell).unfold(4, cell, cell).sum(dim=(-1, -2))  # (N, C, nbins, h, w)
     return F.normalize(cells, p=2, dim=2, eps=1e-12)

@@ -6,7 +6,14 @@ row sums. For every channel it loads the 8 Sobel neighbours of every pixel (refl
 into the indices; neighbours come from L1/L2, the image is read from memory once), computes the
 gradient and magnitude, sums the magnitudes past each exact bin boundary (plan.py) per cell, which
 gives the histograms as differences of nested sums (no per-bin one-hot pass), L2-normalises over the
-bins and stores the cells at the unit's place in the output. Arithmetic is fp32.
+bins and stores the cells at the unit's place in the output.
+
+Precision: the gradients are float64 sums of the loaded values, exact for ordinary images (plan.py),
+so that the bins are the reference's. Binning runs in fp32 on the rounded gradient and is then checked
+in float64 against the two boundaries around the fp32 bin (rounding moves the angle by ~1e-7, far less
+than a bin, so the fp32 bin is off by at most one): two float64 cross products per pixel instead of
+nbins - 1, which keeps the float64 work small on GPUs with a slow float64 unit. Magnitudes, sums and
+the normalisation are fp32.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ def _reflect(i, n):
 def _hog_kernel(
     x_ptr,      # (B, C, T, H, W) contiguous image, any float dtype
     out_ptr,    # fp32 output, addressed through the eight strides below
-    table_ptr,  # (NBINS - 1, 4) fp32 boundary constants [c_hi, c_lo, s_hi, s_lo] (plan.bin_table)
+    table_ptr,  # (NBINS - 1, 4) float64 boundary constants [c_hi, c_lo, s_hi, s_lo] (plan.bin_table)
     gk_ptr,     # (GW * GW,) fp32 Gaussian window; read only when GW > 0
     index_ptr,  # (programs,) int64 unit ids; read only when HAS_INDEX
     C, T, H, W, h, w, nty, ntx,
@@ -67,35 +74,52 @@ def _hog_kernel(
 
     for c in range(C):
         base = x_ptr + in_base + c * T * plane
-        a = tl.load(base + rows_m + cols_m, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(base + rows_m + x, mask=ok, other=0.0).to(tl.float32)
-        d = tl.load(base + rows_m + cols_p, mask=ok, other=0.0).to(tl.float32)
-        e = tl.load(base + rows_0 + cols_m, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(base + rows_0 + cols_p, mask=ok, other=0.0).to(tl.float32)
-        p = tl.load(base + rows_p + cols_m, mask=ok, other=0.0).to(tl.float32)
-        q = tl.load(base + rows_p + x, mask=ok, other=0.0).to(tl.float32)
-        s = tl.load(base + rows_p + cols_p, mask=ok, other=0.0).to(tl.float32)
+        a = tl.load(base + rows_m + cols_m, mask=ok, other=0.0).to(tl.float64)
+        b = tl.load(base + rows_m + x, mask=ok, other=0.0).to(tl.float64)
+        d = tl.load(base + rows_m + cols_p, mask=ok, other=0.0).to(tl.float64)
+        e = tl.load(base + rows_0 + cols_m, mask=ok, other=0.0).to(tl.float64)
+        g = tl.load(base + rows_0 + cols_p, mask=ok, other=0.0).to(tl.float64)
+        p = tl.load(base + rows_p + cols_m, mask=ok, other=0.0).to(tl.float64)
+        q = tl.load(base + rows_p + x, mask=ok, other=0.0).to(tl.float64)
+        s = tl.load(base + rows_p + cols_p, mask=ok, other=0.0).to(tl.float64)
         gx = (a - d) + 2.0 * (e - g) + (p - s)          # Kx = [[1,0,-1],[2,0,-2],[1,0,-1]]
         gy = (a + 2.0 * b + d) - (p + 2.0 * q + s)      # Ky = Kx^T
-        mag = tl.sqrt(gx * gx + gy * gy)
-        if GW > 0:
-            mag = mag * weight
         # Exact bins (plan.py): fold (X, Y) = (gy, gx) into the upper half-plane; a pixel's bin is the
         # number of boundaries it lies on or past, and those sets are nested, so with S_j = sum of |g|
         # over the pixels past boundary j (S_0 = all), the histogram is hist[j] = S_j - S_{j+1}.
         flip = (gx < 0) | ((gx == 0) & (gy < 0))
-        X = tl.where(flip, -gy, gy)
+        X = tl.where(flip, -gy, gy)                     # float64
         Y = tl.where(flip, -gx, gx)
+        mag = tl.sqrt(X.to(tl.float32) * X.to(tl.float32) + Y.to(tl.float32) * Y.to(tl.float32))
+        # Only the direction matters to the bin: an exact power-of-two scale keeps the fp32 copy clear of
+        # under/overflow.
+        size = tl.abs(X) + Y
+        scale = tl.where(size < 2.0 ** -100, 2.0 ** 100, tl.where(size > 2.0 ** 100, 2.0 ** -100, 1.0))
+        Xf = (X * scale).to(tl.float32)
+        Yf = (Y * scale).to(tl.float32)
+        if GW > 0:
+            mag = mag * weight
         mag = tl.where(ok, mag, 0.0)
+        nbin = tl.zeros([CELLS_P2, PIX_P2], tl.int32)   # fp32 estimate: number of boundaries passed
+        for j in tl.static_range(NBINS - 1):
+            c_hi = tl.load(table_ptr + 4 * j).to(tl.float32)  # heads exact, tails rounded (plan.bin_table)
+            c_lo = tl.load(table_ptr + 4 * j + 1).to(tl.float32)
+            s_hi = tl.load(table_ptr + 4 * j + 2).to(tl.float32)
+            s_lo = tl.load(table_ptr + 4 * j + 3).to(tl.float32)
+            nbin += (((c_hi * Yf - s_hi * Xf) + (c_lo * Yf - s_lo * Xf)) >= 0).to(tl.int32)
+        # float64 check of boundary nbin (must be passed) and nbin + 1 (must not be), table rows
+        # nbin - 1 and nbin; a clamped row is not used (no boundary 0 or nbins).
+        lo = tl.maximum(nbin - 1, 0) * 4
+        hi = tl.maximum(tl.minimum(nbin, NBINS - 2), 0) * 4
+        below = ((tl.load(table_ptr + lo) * Y - tl.load(table_ptr + lo + 2) * X)
+                 + (tl.load(table_ptr + lo + 1) * Y - tl.load(table_ptr + lo + 3) * X)) >= 0
+        above = ((tl.load(table_ptr + hi) * Y - tl.load(table_ptr + hi + 2) * X)
+                 + (tl.load(table_ptr + hi + 1) * Y - tl.load(table_ptr + hi + 3) * X)) >= 0
+        nbin = nbin - ((nbin > 0) & ~below).to(tl.int32) + ((nbin < NBINS - 1) & above).to(tl.int32)
         s_prev = tl.sum(mag, axis=1)                        # (CELLS_P2,)
         hist = tl.zeros([NB_P2, CELLS_P2], tl.float32)
         for j in tl.static_range(NBINS - 1):
-            c_hi = tl.load(table_ptr + 4 * j)
-            c_lo = tl.load(table_ptr + 4 * j + 1)
-            s_hi = tl.load(table_ptr + 4 * j + 2)
-            s_lo = tl.load(table_ptr + 4 * j + 3)
-            passed = ((c_hi * Y - s_hi * X) + (c_lo * Y - s_lo * X)) >= 0
-            s_next = tl.sum(tl.where(passed, mag, 0.0), axis=1)
+            s_next = tl.sum(tl.where(nbin > j, mag, 0.0), axis=1)
             hist = tl.where(bins_id[:, None] == j, (s_prev - s_next)[None, :], hist)
             s_prev = s_next
         hist = tl.where(bins_id[:, None] == NBINS - 1, s_prev[None, :], hist)  # (NB_P2, CELLS_P2)
@@ -110,7 +134,7 @@ def _launch(x: torch.Tensor, units: plan.Units, nbins: int, gaussian_window: int
     if units.count == 0:
         return out
     x = x.contiguous()
-    table = plan.bin_table(nbins, torch.float32, x.device)
+    table = plan.bin_table(nbins, torch.float64, x.device)
     gk = plan.gauss_table(gaussian_window, torch.float32, x.device)
     index = units.index if units.index is not None else table  # dummy pointer when unused
     _hog_kernel[(units.count,)](

@@ -1,13 +1,11 @@
 """kfe::hog / kfe::hog_targets: every backend against the float64 reference, exact bins, masks, bad inputs.
 
-How the comparison stays honest: test images hold values k/256 (k = 0..256), exact in float32, float16
-and bfloat16, so every backend sees the same pixels and every Sobel sum is exact in fp32 and float64
-alike. The orientation bins then depend only on how each side turns a gradient into a bin, and the
-fast paths' exact binning (engine/ops/hog/plan.py) must reproduce the float64 reference's bins pixel
-for pixel; a single flipped pixel moves a whole magnitude to another bin, far outside the fp32
+How the comparison stays honest: most test images hold values k/256 (k = 0..256), exact in float32,
+float16 and bfloat16, so every backend sees the same pixels whatever the input dtype. Every path takes
+the Sobel sums in float64, exact for such values and for ordinary fp32 images too (k/255 as ToTensor
+gives, mean/std normalised: test_ordinary_fp32_images), so the bins must be the float64 reference's
+pixel for pixel; a single flipped pixel moves a whole magnitude to another bin, far outside the fp32
 tolerance the outputs are held to (fp32 outputs: magnitudes and sums are the only rounding left).
-On arbitrary (unquantised) fp32 images a fast path may legitimately bin a pixel whose orientation is
-within ~1e-7 of a boundary differently from float64; those inputs are not used here.
 """
 import math
 
@@ -31,6 +29,16 @@ CPP_SHAPES = [(2, 3, 224, 224), (1, 3, 64, 96), (2, 3, 3, 32, 16)]
 def quantised(shape, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 257, shape, generator=gen) / 256).to(dtype)
+
+
+def ordinary(shape, kind, seed=0):
+    """fp32 images as a data loader makes them: k/255 (ToTensor), or that mean/std normalised (ImageNet)."""
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed)) / 255
+    if kind == "normalised":
+        view = (1, -1) + (1,) * (len(shape) - 2)
+        x = (x - torch.tensor([0.485, 0.456, 0.406][: shape[1]]).view(view)) / torch.tensor(
+            [0.229, 0.224, 0.225][: shape[1]]).view(view)
+    return x.float()
 
 
 def token_mask(x, patch=16, seed=0, p=0.5):
@@ -62,6 +70,23 @@ def test_matches_reference(backend, dtype, shape, kind):
     if dtype not in testing.supported_dtypes("hog", backend):
         pytest.fail(f"{backend} must support {dtype}")
     check(backend, quantised(shape, dtype), kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("image", ["k/255", "normalised"])
+@pytest.mark.parametrize("kind", ["hog", "targets", "masked"])
+def test_ordinary_fp32_images(backend, image, kind):
+    # fp32 rounding of the gradients used to flip the bins of 1-2% of such images' values (errors up to
+    # 0.1); every path now takes the gradients in float64 like the reference, and must match it.
+    for shape in [(2, 3, 32, 48), (1, 3, 2, 16, 32)]:
+        check(backend, ordinary(shape, image), kind)
+
+
+@pytest.mark.parametrize("image", ["k/255", "normalised"])
+def test_cpp_ordinary_fp32_images_real_size(image):
+    x = ordinary((2, 3, 224, 224), image, seed=1)
+    check("cpp", x, "hog")
+    check("cpp", x, "targets", nbins=8)  # exact ties on pi/4, pi/2, 3pi/4 possible
 
 
 @pytest.mark.parametrize("shape", CPP_SHAPES, ids=str)
@@ -127,8 +152,7 @@ def test_known_bins_of_pure_edges():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_gradients_give_zero_histograms_not_nan(backend):
     x = quantised((1, 3, 16, 32))
-    x[..., :8, :8] = 0.5  # one constant cell, away from the textured pixels by one pixel of padding? no:
-    x[..., :9, :9] = 0.5  # the cell's 3x3 neighbourhoods must be constant too, hence 9x9
+    x[..., :9, :9] = 0.5  # one constant cell: its pixels' 3x3 neighbourhoods must be constant too, hence 9x9
     with engine.use_backend(backend):
         out = hog(x)
     assert torch.isfinite(out).all()
@@ -284,6 +308,8 @@ BAD_INPUTS = [
     ("images not tensor", lambda x, m: hog(x.tolist()), TypeError, ["images"]),
     ("images int", lambda x, m: hog((x * 256).long()), TypeError, ["images", "dtype"]),
     ("images 3-D", lambda x, m: hog(x[0]), ValueError, ["images", "(B, C, H, W)"]),
+    ("images no channel", lambda x, m: hog(x[:, :0]), ValueError, ["images", "C >= 1"]),
+    ("targets no channel", lambda x, m: hog_targets(x[:, :0]), ValueError, ["images", "C >= 1"]),
     ("H not multiple of cell", lambda x, m: hog(x[..., :12, :]), ValueError, ["cell=8", "H=12"]),
     ("W not multiple of cell", lambda x, m: hog(x, cell=5), ValueError, ["cell=5", "W=32"]),
     ("tiny image", lambda x, m: hog(x[..., :1, :], cell=1), ValueError, ["H=1", ">= 2"]),
@@ -308,6 +334,36 @@ def test_bad_inputs_name_the_argument(case):
     testing.expect_error(exc, lambda: call(x, token_mask(x)), *words)
 
 
+@pytest.mark.parametrize("kind", ["hog", "masked"])
+def test_triton_partial_units(monkeypatch, kind):
+    # The GPU's 2x2-cell units of kfe::hog, forced under the interpreter (which otherwise takes up to
+    # 8x8 cells per program): odd cell counts leave partial units on the right and bottom.
+    from engine.ops.hog import triton as hog_triton
+
+    monkeypatch.setattr(hog_triton, "_hog_unit", lambda x, cell: (2, 2))
+    check("triton", quantised((1, 3, 24, 40)), kind, patch=8)           # 3 x 5 cells
+    check("triton", quantised((1, 2, 2, 12, 18)), kind, cell=6, patch=6)  # video, 2 x 3 cells
+    check("triton", ordinary((1, 3, 24, 40), "k/255"), kind, patch=8)
+
+
+def test_cuda_size_check_runs_without_cuda():
+    # The cuda backend's shared memory per block is bounded: sizes that would not fit must be refused
+    # by the check (auto then falls back to triton or the reference) rather than fail at launch.
+    from engine.ops.hog import cuda as hog_cuda
+    from engine.ops.hog.op import BACKENDS as HOG
+
+    check_fn = HOG.impls["cuda"].check
+    x = torch.zeros(1, 3, 1, 16, 16)
+    assert check_fn(x, 9, 8) == [] and check_fn(x, 9, 8, 16) == [] and check_fn(x, 9, 8, 64) == []
+    for args in [(9, 8, 80), (9, 128), (200, 64)]:
+        why = check_fn(x, *args)
+        assert why and "shared memory" in why[0], (args, why)
+    for nbins, cell, patch in [(9, 8, 16), (9, 8, 64), (9, 8, 80), (9, 128, None), (200, 64, None), (32, 16, 32)]:
+        u = patch // cell if patch else max(1, 16 // cell)
+        smem = hog_cuda._channels_per_block(3, nbins, cell, u, u)[1]
+        assert (smem <= hog_cuda.MAX_SHARED) == (check_fn(x, nbins, cell, patch) == [])
+
+
 def test_forced_backend_that_cannot_run_explains_why():
     x = quantised((1, 3, 16, 16), torch.float64)
     with engine.use_backend("triton"):
@@ -327,6 +383,17 @@ def test_gpu_matches_reference(dtype, shape):
         for kind in ("hog", "targets", "masked"):
             check(backend, x, kind)
         check(backend, x, "masked", gaussian_window=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("image", ["k/255", "normalised"])
+def test_gpu_ordinary_fp32_images_and_odd_cell_counts(image):
+    # 88 x 120: 11 x 15 cells, partial 2x2-cell units in kfe::hog on both edges.
+    x = ordinary((4, 3, 88, 120), image).cuda()
+    for backend in testing.backends("hog", "cuda"):
+        for kind in ("hog", "targets", "masked"):
+            check(backend, x, kind, patch=8)
+        check(backend, x, "hog", nbins=8)
 
 
 @pytest.mark.gpu

@@ -33,3 +33,14 @@ def test_cli_reports_images_per_second(tmp_path, capsys):
     cpu_time = [r for r in records if r["mode"] == "cpu_time_1_thread"]  # the one-thread work table
     assert {r["provider"] for r in cpu_time} == {"reference", "kfe", "skimage"}
     assert all(r["cpu_ms_per_image"] > 0 for r in cpu_time) and len(records) == len(timed) + len(cpu_time)
+
+
+def test_gpu_cases_skip_the_cpu_peer_and_compile_the_reference_once(monkeypatch):
+    # Built for a GPU without one: the backend pick is the only step that touches the device.
+    monkeypatch.setattr(bench, "_auto_backend", lambda device, shape, dtype: "cuda")
+    monkeypatch.setattr(bench.testing, "backends", lambda op, device=None: ("cuda", "triton", "reference"))
+    cases = bench.cases(torch.device("cuda"))
+    assert len(cases) == 4 and all("skimage" not in c.providers for c in cases)
+    compiled = [c for c in cases if "compiled-reference" in c.providers]
+    assert len(compiled) == 1 and compiled[0].dtype == torch.float32 and "mask" not in compiled[0].shape
+    assert all("kfe[triton]" in c.providers for c in cases)
