@@ -19,11 +19,21 @@ import torch
 
 from engine.bench import machine
 
-DEFAULTS = {  # (model, resolution, global batch, loader workers); model None (in a Recipe.bench) = the
-    #          recipe's own model: its `shapes` preset's on the CPU, its paper default on a GPU
-    "cpu": [("convnextv2_atto", 64, 32, 2)],
-    "cuda": [("convnextv2_atto", 224, 256, 12), ("convnext_tiny", 224, 128, 12)],
+# Settings are (model, resolution, global batch, loader workers); model None = the recipe's own model:
+# its `shapes` preset's on the CPU, its paper default on a GPU. Each recipe names its settings
+# (Recipe.bench); one that does not gets DEFAULTS, with its own model (a fixed model name here would
+# hand one recipe's model to another recipe's config: a ConvNeXt to DiT or MAE, which crashed).
+DEFAULTS = {
+    "cpu": [(None, 32, 32, 1)],
+    "cuda": [(None, 224, 256, 12)],
 }
+
+
+def settings_for(name: str, kind: str) -> list[tuple]:
+    """The benchmark settings of recipe `name` on device type `kind` ("cpu" | "cuda")."""
+    from train.recipes.base import get
+
+    return (get(name).bench or DEFAULTS)[kind]
 
 
 def _sync(device: torch.device) -> None:
@@ -32,10 +42,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _settings(args, device: torch.device, name: str = "supervised") -> list[tuple]:
-    from train.recipes.base import get
-
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    base = (get(name).bench or DEFAULTS)[kind]  # a recipe may name its own models (e.g. maskfeat's ViT)
+    base = settings_for(name, "cuda" if device.type == "cuda" else "cpu")
     if not args.sizes:
         return base
     out = []

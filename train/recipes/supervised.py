@@ -125,5 +125,10 @@ def describe(m: dict) -> str:
     return line
 
 
-RECIPE = register(Recipe("supervised", SupervisedConfig, build_data, build_task, PRESETS,
+BENCH = {  # kfe bench recipe supervised: (model, resolution, global batch, loader workers)
+    "cpu": [("convnextv2_atto", 64, 32, 2)],
+    "cuda": [("convnextv2_atto", 224, 256, 12), ("convnext_tiny", 224, 128, 12)],
+}
+
+RECIPE = register(Recipe("supervised", SupervisedConfig, build_data, build_task, PRESETS, bench=BENCH,
                          help="image classification: ConvNeXt / ConvNeXt V2 (ConvNeXt's ImageNet recipe)"))
