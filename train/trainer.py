@@ -22,6 +22,7 @@ from train import checkpoint as ckpt_mod
 from train import config as config_mod
 from train import dist as dist_mod
 from train.data import Loader, kind_of, normalize
+from train.data.loader import StopRequested
 from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, peak_flops
 from train.optim import EMA, adamw, param_groups, scheduler
 from train.recipes.base import Recipe, TrainConfig
@@ -85,6 +86,7 @@ class Trainer:
         self.device = self.info.device
         self.run_dir = run_dir or default_run_dir(recipe.name, cfg)
         self.stop = False
+        self.interruptible = False  # waiting for the first micro-batch of a step, on one process
 
     # ------------------------------------------------------------ setup
 
@@ -102,6 +104,7 @@ class Trainer:
         self.local_batch = cfg.batch_size // (info.world * cfg.accum_steps)
         self.loader = Loader(self.data.train.dataset, self.local_batch, info.rank, info.world, cfg.seed,
                              cfg.num_workers, pin_memory=self.device.type == "cuda")
+        self.loader.should_stop = lambda: self.stop
         self.total_steps, self.warmup = self._lengths()
         ckpt_mod.seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         self.task = self.recipe.build_task(cfg, self.data, info)
@@ -225,13 +228,29 @@ class Trainer:
     def prepare(self, batch: dict) -> dict:
         return prepare_batch(batch, self.device, self.channels_last, self.task)
 
+    def _next_batch(self, batches, first: bool) -> dict:
+        """next(batches), stoppable: a SIGTERM that arrives while one process waits for the first micro-batch
+        of a step stops it at once (bad data being skipped could keep it waiting for a whole pass, and the
+        stop flag is read only at log steps). Nothing of the step is done yet, so the steps so far can be
+        checkpointed exactly; later micro-batches, or DDP (the other ranks may sit in a collective), are
+        stopped only by the loader, when it skips an empty batch, without a checkpoint."""
+        safe = first and self.info.world == 1 and self.task.batches is None  # (CiT: its own state)
+        self.interruptible = safe
+        try:
+            return next(batches)
+        except StopRequested as stop:
+            stop.checkpoint = safe
+            raise
+        finally:
+            self.interruptible = False
+
     def step(self, batches, step: int) -> dict:
         """One optimizer step over `accum_steps` micro-batches drawn from the iterator `batches`."""
         accum = self.cfg.accum_steps
         loss_sum, images, data_time = torch.zeros((), device=self.device), 0, 0.0
         for micro in range(accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = self._next_batch(batches, first=micro == 0)
             data_time += time.perf_counter() - t0
             batch = self.prepare(batch)
             with self._no_sync(micro < accum - 1):
@@ -301,12 +320,17 @@ class Trainer:
 
     def request_stop(self, *_):
         self.stop = True
+        if self.interruptible:  # see _next_batch
+            self.interruptible = False
+            raise StopRequested("SIGTERM while waiting for data")
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self):
+        """SIGTERM -> request_stop; returns a function that puts the previous handler back."""
         try:
-            signal.signal(signal.SIGTERM, self.request_stop)
+            before = signal.signal(signal.SIGTERM, self.request_stop)
         except ValueError:  # not the main thread (e.g. under a test runner thread)
-            pass
+            return lambda: None
+        return lambda: signal.signal(signal.SIGTERM, before)
 
     def flops(self) -> tuple[float | None, float | None]:
         return self.task.flops_per_sample, peak_flops(self.device)

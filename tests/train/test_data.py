@@ -143,3 +143,59 @@ def test_augmentation_is_deterministic_per_sample():
     assert torch.equal(a["image"], b["image"])
     assert not torch.equal(a["image"], split.dataset[(3, 17)]["image"])  # a new draw next epoch
     assert np.array_equal(a["label"], b["label"])
+
+
+# ---------------------------------------------------------------- data with no good sample at all
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_all_bad_stream_is_a_data_error_not_a_hang(tmp_path, workers):
+    """Every sample lacks its caption: a whole pass yields nothing, and the next pass would be the same."""
+    write_shards(str(tmp_path), shards=2, per_shard=3, no_caption=[(s, k) for s in range(2) for k in range(3)])
+    loader = Loader(_stream(str(tmp_path / "{00000..00001}.tar"), 0, 1), 2, 0, 1, seed=0, num_workers=workers)
+    with pytest.raises(DataError, match=r"whole pass .* without one good sample: skipped \{'missing_caption': "):
+        next(iter(loader))
+
+
+def test_stream_given_no_samples_is_a_data_error(tmp_path):
+    """One 1-sample shard, two loader workers: the second reading stream is given nothing, forever."""
+    write_shards(str(tmp_path), shards=1, per_shard=1)
+    loader = Loader(_stream(str(tmp_path / "00000.tar"), 0, 1), 1, 0, 1, seed=0, num_workers=2)
+    with pytest.raises(DataError, match="given no samples.*use fewer loader workers"):
+        _take(loader, 3)
+
+
+class _AllBad(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, key):
+        return {"_bad": "corrupt_image"}
+
+
+def test_all_bad_map_dataset_is_a_data_error_after_one_epoch():
+    loader = Loader(_AllBad(), 4, 0, 1, seed=0)
+    with pytest.raises(DataError, match=r"whole epoch \(3 batches of 4\).*'corrupt_image': 12"):
+        next(iter(loader))
+
+
+def test_loader_checks_the_stop_flag_while_skipping():
+    from train.data.loader import StopRequested
+
+    loader = Loader(_AllBad(), 4, 0, 1, seed=0)
+    loader.should_stop = lambda: True
+    with pytest.raises(StopRequested):
+        next(iter(loader))
+    assert loader.consumed == 1 and loader.skipped == {"corrupt_image": 4}
+
+
+def test_kfe_train_on_all_bad_shards_exits_with_the_skip_counts(tmp_path, capsys):
+    """The reported hang: `kfe train clip` on shards whose samples all lack captions ran for 10+ minutes."""
+    from train.cli import main as kfe_main
+
+    write_shards(str(tmp_path / "bad"), shards=2, per_shard=3, no_caption=[(s, k) for s in range(2) for k in range(3)])
+    argv = ["train", "clip", "--preset", "shapes", "--data", str(tmp_path / "bad" / "{00000..00001}.tar"),
+            "--steps", "3", "--batch_size", "4", "--num_workers", "1", "--progress", "false",
+            "--out", str(tmp_path / "run")]
+    assert kfe_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "without one good sample" in err and "missing_caption" in err
