@@ -97,10 +97,10 @@ class Trainer:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        resume = None
-        if checkpoints:
-            resume = self._find_resume()
-        self.data = self.recipe.build_data(cfg, info)  # fails fast on bad paths, before the model
+        # The data first: a bad path fails before the model is built or anything is written (the run
+        # directory is created by _find_resume).
+        self.data = self.recipe.build_data(cfg, info)
+        resume = self._find_resume() if checkpoints else None
         self.local_batch = cfg.batch_size // (info.world * cfg.accum_steps)
         self.loader = Loader(self.data.train.dataset, self.local_batch, info.rank, info.world, cfg.seed,
                              cfg.num_workers, pin_memory=self.device.type == "cuda")

@@ -64,13 +64,14 @@ def test_webdataset_training_counts_bad_samples(tmp_path):
 @pytest.mark.parametrize("flag, value", [("--data", "/nonexistent/imagenet"),
                                          ("--data", "/nonexistent/{000..009}.tar"),
                                          ("--val_data", "/nonexistent/val")])
-def test_missing_data_fails_before_any_model_is_built(monkeypatch, capsys, tmp_path, flag, value):
+def test_missing_data_fails_before_any_model_or_file(monkeypatch, capsys, tmp_path, flag, value):
     built = []
     monkeypatch.setattr(models, "create_model", lambda *a, **k: built.append(a))
-    code = kfe_main(["train", "supervised", *TINY, "--out", str(tmp_path), flag, value])
+    out = tmp_path / "run"
+    code = kfe_main(["train", "supervised", *TINY, "--out", str(out), flag, value])
     err = capsys.readouterr().err
     assert code == 2 and value.split("{")[0] in err and "Expected 'shapes'" in err
-    assert built == []
+    assert built == [] and not out.exists()   # nothing built, nothing written (not even the run directory)
 
 
 def test_config_saved_in_run_dir_reloads(tmp_path):
