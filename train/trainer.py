@@ -54,6 +54,9 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     for name in ("log_every", "ckpt_every"):
         if getattr(cfg, name) <= 0:
             raise err(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name, zero in (("num_workers", "load in the training process"), ("eval_every", "evaluate at the end only")):
+        if getattr(cfg, name) < 0:
+            raise err(f"{name} must be >= 0 (0 = {zero}), got {getattr(cfg, name)}")
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -167,6 +170,9 @@ class Trainer:
             warmup = cfg.warmup_steps
         else:
             warmup = round(cfg.warmup_epochs * per_epoch) if per_epoch else 0
+            if not per_epoch and cfg.warmup_epochs > 0 and self.info.main:  # (setup runs once: warned once)
+                warnings.warn(f"warmup_epochs = {cfg.warmup_epochs} is ignored: a stream has no epoch length; "
+                              "give --warmup_steps N or --samples_per_epoch N (training runs without warmup)")
         return total, min(warmup, total)
 
     def _restore_task(self, state: dict) -> None:
