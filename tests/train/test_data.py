@@ -1,5 +1,6 @@
 """Data: WebDataset shards split over ranks and workers, bad samples counted, ImageFolder, resumable order."""
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -199,3 +200,27 @@ def test_kfe_train_on_all_bad_shards_exits_with_the_skip_counts(tmp_path, capsys
     assert kfe_main(argv) == 2
     err = capsys.readouterr().err
     assert "without one good sample" in err and "missing_caption" in err
+
+
+def test_training_stream_splits_over_two_torchrun_processes_without_overlap(tmp_path):
+    """Two real processes (torchrun, gloo) x two loader workers read the training stream: in one pass the
+    ranks' samples are disjoint and together all good samples; the corrupt member and the one without a
+    caption are counted once (placed mid-shard, their counts ride on the same pass's next sample)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.train.util import ROOT, env
+
+    good = write_shards(str(tmp_path), shards=5, per_shard=4, corrupt=[(1, 1)], no_caption=[(3, 2)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "train", "wds_ranks.py"), str(tmp_path / "{00000..00004}.tar"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    keys = [rank["keys"] for rank in ranks]
+    assert keys[0] and keys[1] and not set(keys[0]) & set(keys[1])       # both read, no sample by both
+    assert sorted(keys[0] + keys[1]) == sorted(good)                     # none twice, none lost
+    assert ranks[0]["streams"] == [0, 1] and ranks[1]["streams"] == [2, 3]  # 2 ranks x 2 workers
+    total = Counter(ranks[0]["skipped"]) + Counter(ranks[1]["skipped"])
+    assert total == {"corrupt_image": 1, "missing_caption": 1}
