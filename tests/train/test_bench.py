@@ -42,3 +42,24 @@ def test_bench_without_settings_times_the_recipes_own_model(tmp_path, monkeypatc
 
 def test_bench_lists_the_recipe_suite(capsys):
     assert kfe_main(["bench", "--list"]) == 0 and "recipe" in capsys.readouterr().out
+
+
+def test_train_and_e2e_are_timed_in_interleaved_blocks():
+    """Load on a shared machine must hit both timings alike: blocks alternate, medians are reported."""
+    from types import SimpleNamespace
+
+    from train import bench
+
+    calls = []
+
+    def step(batches, s):
+        calls.append((next(batches), s))
+        return {"images": 8, "data_time": 0.0}
+
+    t = SimpleNamespace(step=step, device=SimpleNamespace(type="cpu"))
+    held, fed = iter(lambda: "held", None), iter(lambda: "fed", None)
+    train_ips, e2e_ips, data = bench._time_steps(t, held, fed, n=7, warmup=1)
+    order = "".join("h" if which == "held" else "f" for which, _ in calls)
+    assert order == "hf" + "hhff" + "hhff" + "hf" * 3        # warm-up, then 5 blocks of 2, 2, 1, 1, 1 steps
+    assert [s for _, s in calls] == list(range(16))         # every step numbered once, in order
+    assert train_ips > 0 and e2e_ips > 0 and data == 0.0
