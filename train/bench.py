@@ -7,10 +7,15 @@ Three timings per setting, each after warm-up:
            (the loader keeps up when it is small: the issue asks < 5% at the benchmark settings)
 Settings: --sizes RESxBATCH[,...] (default per device), --dtype float32|bfloat16, --repeats N steps,
 --warmup N steps, --json PATH. Data: the built-in shapes (generated on the fly).
+
+train and e2e are timed interleaved, in up to ROUNDS alternating blocks of repeats / ROUNDS steps each,
+and each reports the median block: load from other processes on a shared machine then hits both alike
+(timed back to back, a burst of it once made train img/s come out below e2e img/s).
 """
 from __future__ import annotations
 
 import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -19,11 +24,21 @@ import torch
 
 from engine.bench import machine
 
-DEFAULTS = {  # (model, resolution, global batch, loader workers); model None (in a Recipe.bench) = the
-    #          recipe's own model: its `shapes` preset's on the CPU, its paper default on a GPU
-    "cpu": [("convnextv2_atto", 64, 32, 2)],
-    "cuda": [("convnextv2_atto", 224, 256, 12), ("convnext_tiny", 224, 128, 12)],
+# Settings are (model, resolution, global batch, loader workers); model None = the recipe's own model:
+# its `shapes` preset's on the CPU, its paper default on a GPU. Each recipe names its settings
+# (Recipe.bench); one that does not gets DEFAULTS, with its own model (a fixed model name here would
+# hand one recipe's model to another recipe's config: a ConvNeXt to DiT or MAE, which crashed).
+DEFAULTS = {
+    "cpu": [(None, 32, 32, 1)],
+    "cuda": [(None, 224, 256, 12)],
 }
+
+
+def settings_for(name: str, kind: str) -> list[tuple]:
+    """The benchmark settings of recipe `name` on device type `kind` ("cpu" | "cuda")."""
+    from train.recipes.base import get
+
+    return (get(name).bench or DEFAULTS)[kind]
 
 
 def _sync(device: torch.device) -> None:
@@ -32,10 +47,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _settings(args, device: torch.device, name: str = "supervised") -> list[tuple]:
-    from train.recipes.base import get
-
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    base = (get(name).bench or DEFAULTS)[kind]  # a recipe may name its own models (e.g. maskfeat's ViT)
+    base = settings_for(name, "cuda" if device.type == "cuda" else "cpu")
     if not args.sizes:
         return base
     out = []
@@ -73,18 +85,36 @@ def _time_loader(t, n: int, warmup: int) -> float:
     return images / (time.perf_counter() - t0)
 
 
-def _time_steps(t, batches, n: int, warmup: int) -> tuple[float, float]:
-    for s in range(warmup):
-        t.step(batches, s)
+ROUNDS = 5
+
+
+def _block(t, batches, steps: range) -> tuple[int, float, float]:
+    """(images, data wait s, wall s) of optimizer steps `steps` drawn from `batches`."""
     _sync(t.device)
     t0, images, data = time.perf_counter(), 0, 0.0
-    for s in range(n):
-        out = t.step(batches, warmup + s)
+    for s in steps:
+        out = t.step(batches, s)
         images += out["images"]
         data += out["data_time"]
     _sync(t.device)
-    wall = time.perf_counter() - t0
-    return images / wall, data / wall
+    return images, data, time.perf_counter() - t0
+
+
+def _time_steps(t, held, fed, n: int, warmup: int) -> tuple[float, float, float]:
+    """(train img/s, e2e img/s, data fraction): steps on the `held` batch and steps `fed` by the loader,
+    in alternating blocks (see the module doc); the medians of the blocks' rates."""
+    _block(t, held, range(warmup))
+    _block(t, fed, range(warmup, 2 * warmup))
+    rounds = max(1, min(ROUNDS, n))
+    train, e2e, data, wall, step = [], [], 0.0, 0.0, 2 * warmup
+    for r in range(rounds):
+        k = n // rounds + (r < n % rounds)
+        images, _, w = _block(t, held, range(step, step + k))
+        train.append(images / w)
+        images, d, w = _block(t, fed, range(step + k, step + 2 * k))
+        e2e.append(images / w)
+        data, wall, step = data + d, wall + w, step + 2 * k
+    return statistics.median(train), statistics.median(e2e), data / wall
 
 
 def measure(name: str, setting: tuple, device: torch.device, dtype, warmup: int, repeats: int) -> dict:
@@ -94,8 +124,7 @@ def measure(name: str, setting: tuple, device: torch.device, dtype, warmup: int,
         model = t.cfg.model
         loader_ips = _time_loader(t, max(repeats, 5), warmup)
         held = itertools.repeat(next(iter(t.loader)))  # one batch, reused: no loading in the timing
-        train_ips, _ = _time_steps(t, held, repeats, warmup)
-        e2e_ips, data_frac = _time_steps(t, iter(t.loader), repeats, warmup)
+        train_ips, e2e_ips, data_frac = _time_steps(t, held, iter(t.loader), repeats, warmup)
         flops, peak = t.flops()
     rec = {"recipe": name, "model": model, "resolution": res, "batch": batch, "workers": workers,
            "precision": "bf16" if t.bf16 else "fp32", "loader_images_per_s": loader_ips,
@@ -127,7 +156,7 @@ def run(args, device: torch.device) -> int:
     dtypes = _parse_dtypes(args.dtype) or [None]
     cpu = device.type == "cpu"
     warmup = args.warmup if args.warmup is not None else (2 if cpu else 10)
-    repeats = args.repeats if args.repeats is not None else (5 if cpu else 30)
+    repeats = args.repeats if args.repeats is not None else (10 if cpu else 30)
     records = []
     for name in names:
         for setting, dtype in itertools.product(_settings(args, device, name), dtypes):
@@ -135,6 +164,10 @@ def run(args, device: torch.device) -> int:
             records.append(measure(name, setting, device, dtype, warmup, repeats))
     meta = machine.info(device)
     print(markdown(records, meta))
+    rounds = max(1, min(ROUNDS, repeats))
+    print(f"\ntrain / e2e img/s: medians of {rounds} interleaved blocks of ~{repeats // rounds} step(s) each. "
+          "Other processes' load on this machine lowers every column: compare columns within a "
+          "run, and rerun (or raise --repeats) when train img/s comes out below e2e img/s.")
     if args.json:
         from engine.bench.report import write_json
 

@@ -8,7 +8,8 @@ import time
 import torch
 
 from train import dist as dist_mod
-from train.checkpoint import path_for
+from train.checkpoint import list_checkpoints, path_for
+from train.data.loader import StopRequested
 
 
 class _Interval:
@@ -68,16 +69,20 @@ def _describe(t, metrics: dict) -> str:
 def run_loop(t) -> dict:
     cfg = t.cfg
     rep = t.reporter()
-    t.install_signal_handlers()
+    restore_signals = t.install_signal_handlers()
     batches = t.batches()
     step, start_step = t.start_step, t.start_step
     session_start, session_images = time.perf_counter(), 0
-    acc, rec, saved_at, stopped = _Interval(t.device), {}, None, False
+    acc, rec, saved_at, stopped, waiting = _Interval(t.device), {}, None, False, None
     t.module.train()
     try:
         while step < t.total_steps:
             lr = t.optimizer.param_groups[0]["lr"]
-            out = t.step(batches, step)
+            try:
+                out = t.step(batches, step)
+            except StopRequested as stop:  # SIGTERM while waiting for data (see Trainer._next_batch)
+                waiting = stop
+                break
             step += 1
             acc.add(out)
             session_images += out["images"]
@@ -104,13 +109,25 @@ def run_loop(t) -> dict:
             if stopped:
                 rep.print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume auto")
                 break
+        if waiting is not None:
+            stopped = True
+            if waiting.checkpoint and saved_at != step and step > start_step:
+                path = t.save(step)
+            else:  # nothing new to save, or the step in progress cannot be saved exactly
+                found = list_checkpoints(t.run_dir)
+                path = found[-1][1] if found else None
+            rep.print(f"stopped by SIGTERM at step {step} while waiting for data; newest checkpoint: "
+                      f"{path or 'none'}; continue with --resume auto")
         metrics = {} if stopped else t.evaluate(step)
         if metrics:
             rep.write({"kind": "eval", "step": step, **metrics})
-        path = t.save(step) if saved_at != step else path_for(t.run_dir, step)
+        if waiting is None:
+            path = t.save(step) if saved_at != step else path_for(t.run_dir, step)
     except BaseException:
         rep.close()
         raise
+    finally:
+        restore_signals()  # an in-process caller's SIGTERM handling is its own again
     wall = time.perf_counter() - session_start
     skipped = t.skipped_total()
     summary = {"kind": "summary", "recipe": t.recipe.name, "step": step, "total_steps": t.total_steps,

@@ -22,6 +22,7 @@ from train import checkpoint as ckpt_mod
 from train import config as config_mod
 from train import dist as dist_mod
 from train.data import Loader, kind_of, normalize
+from train.data.loader import StopRequested
 from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, peak_flops
 from train.optim import EMA, adamw, param_groups, scheduler
 from train.recipes.base import Recipe, TrainConfig
@@ -53,6 +54,9 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     for name in ("log_every", "ckpt_every"):
         if getattr(cfg, name) <= 0:
             raise err(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name, zero in (("num_workers", "load in the training process"), ("eval_every", "evaluate at the end only")):
+        if getattr(cfg, name) < 0:
+            raise err(f"{name} must be >= 0 (0 = {zero}), got {getattr(cfg, name)}")
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -85,6 +89,7 @@ class Trainer:
         self.device = self.info.device
         self.run_dir = run_dir or default_run_dir(recipe.name, cfg)
         self.stop = False
+        self.interruptible = False  # waiting for the first micro-batch of a step, on one process
 
     # ------------------------------------------------------------ setup
 
@@ -95,13 +100,14 @@ class Trainer:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        resume = None
-        if checkpoints:
-            resume = self._find_resume()
-        self.data = self.recipe.build_data(cfg, info)  # fails fast on bad paths, before the model
+        # The data first: a bad path fails before the model is built or anything is written (the run
+        # directory is created by _find_resume).
+        self.data = self.recipe.build_data(cfg, info)
+        resume = self._find_resume() if checkpoints else None
         self.local_batch = cfg.batch_size // (info.world * cfg.accum_steps)
         self.loader = Loader(self.data.train.dataset, self.local_batch, info.rank, info.world, cfg.seed,
                              cfg.num_workers, pin_memory=self.device.type == "cuda")
+        self.loader.should_stop = lambda: self.stop
         self.total_steps, self.warmup = self._lengths()
         ckpt_mod.seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         self.task = self.recipe.build_task(cfg, self.data, info)
@@ -164,6 +170,9 @@ class Trainer:
             warmup = cfg.warmup_steps
         else:
             warmup = round(cfg.warmup_epochs * per_epoch) if per_epoch else 0
+            if not per_epoch and cfg.warmup_epochs > 0 and self.info.main:  # (setup runs once: warned once)
+                warnings.warn(f"warmup_epochs = {cfg.warmup_epochs} is ignored: a stream has no epoch length; "
+                              "give --warmup_steps N or --samples_per_epoch N (training runs without warmup)")
         return total, min(warmup, total)
 
     def _restore_task(self, state: dict) -> None:
@@ -225,13 +234,29 @@ class Trainer:
     def prepare(self, batch: dict) -> dict:
         return prepare_batch(batch, self.device, self.channels_last, self.task)
 
+    def _next_batch(self, batches, first: bool) -> dict:
+        """next(batches), stoppable: a SIGTERM that arrives while one process waits for the first micro-batch
+        of a step stops it at once (bad data being skipped could keep it waiting for a whole pass, and the
+        stop flag is read only at log steps). Nothing of the step is done yet, so the steps so far can be
+        checkpointed exactly; later micro-batches, or DDP (the other ranks may sit in a collective), are
+        stopped only by the loader, when it skips an empty batch, without a checkpoint."""
+        safe = first and self.info.world == 1 and self.task.batches is None  # (CiT: its own state)
+        self.interruptible = safe
+        try:
+            return next(batches)
+        except StopRequested as stop:
+            stop.checkpoint = safe
+            raise
+        finally:
+            self.interruptible = False
+
     def step(self, batches, step: int) -> dict:
         """One optimizer step over `accum_steps` micro-batches drawn from the iterator `batches`."""
         accum = self.cfg.accum_steps
         loss_sum, images, data_time = torch.zeros((), device=self.device), 0, 0.0
         for micro in range(accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = self._next_batch(batches, first=micro == 0)
             data_time += time.perf_counter() - t0
             batch = self.prepare(batch)
             with self._no_sync(micro < accum - 1):
@@ -301,12 +326,17 @@ class Trainer:
 
     def request_stop(self, *_):
         self.stop = True
+        if self.interruptible:  # see _next_batch
+            self.interruptible = False
+            raise StopRequested("SIGTERM while waiting for data")
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self):
+        """SIGTERM -> request_stop; returns a function that puts the previous handler back."""
         try:
-            signal.signal(signal.SIGTERM, self.request_stop)
+            before = signal.signal(signal.SIGTERM, self.request_stop)
         except ValueError:  # not the main thread (e.g. under a test runner thread)
-            pass
+            return lambda: None
+        return lambda: signal.signal(signal.SIGTERM, before)
 
     def flops(self) -> tuple[float | None, float | None]:
         return self.task.flops_per_sample, peak_flops(self.device)

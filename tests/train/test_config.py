@@ -111,3 +111,30 @@ def test_kfe_train_reports_config_errors(capsys):
     assert "--label_smoothing" in out and "--shapes.label" in out and "presets:" in out
     assert kfe_main(["train", "--help"]) == 0
     assert "supervised" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value", [("num_workers", "-1"), ("eval_every", "-5"), ("log_every", "0")])
+def test_kfe_train_rejects_negative_counts_naming_the_key(capsys, tmp_path, key, value):
+    out = tmp_path / "run"
+    assert kfe_main(["train", "supervised", "--data", "shapes", f"--{key}", value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"kfe train supervised: error: {key} must be" in err and value in err and not out.exists()
+
+
+def test_warmup_epochs_on_a_stream_without_length_warns_once():
+    import warnings
+    from types import SimpleNamespace
+
+    from train.trainer import Trainer
+
+    cfg, _ = resolve_config("supervised", overrides=["--data", "shapes", "--steps", "10", "--warmup_epochs", "2", "--warmup_steps", "-1",
+                                                     "--batch_size", "40"])
+    stream = SimpleNamespace(cfg=cfg, info=SimpleNamespace(main=True),  # a WebDataset stream: no length
+                             data=SimpleNamespace(train=SimpleNamespace(size=None)))
+    with pytest.warns(UserWarning, match="warmup_epochs = 2.0 is ignored: a stream has no epoch length") as rec:
+        assert Trainer._lengths(stream) == (10, 0)
+    assert len(rec) == 1
+    cfg.samples_per_epoch = 80   # with an epoch length the warmup is 2 epochs x 80 / 40 = 4 steps, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Trainer._lengths(stream) == (10, 4)

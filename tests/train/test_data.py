@@ -1,5 +1,6 @@
 """Data: WebDataset shards split over ranks and workers, bad samples counted, ImageFolder, resumable order."""
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -143,3 +144,83 @@ def test_augmentation_is_deterministic_per_sample():
     assert torch.equal(a["image"], b["image"])
     assert not torch.equal(a["image"], split.dataset[(3, 17)]["image"])  # a new draw next epoch
     assert np.array_equal(a["label"], b["label"])
+
+
+# ---------------------------------------------------------------- data with no good sample at all
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_all_bad_stream_is_a_data_error_not_a_hang(tmp_path, workers):
+    """Every sample lacks its caption: a whole pass yields nothing, and the next pass would be the same."""
+    write_shards(str(tmp_path), shards=2, per_shard=3, no_caption=[(s, k) for s in range(2) for k in range(3)])
+    loader = Loader(_stream(str(tmp_path / "{00000..00001}.tar"), 0, 1), 2, 0, 1, seed=0, num_workers=workers)
+    with pytest.raises(DataError, match=r"whole pass .* without one good sample: skipped \{'missing_caption': "):
+        next(iter(loader))
+
+
+def test_stream_given_no_samples_is_a_data_error(tmp_path):
+    """One 1-sample shard, two loader workers: the second reading stream is given nothing, forever."""
+    write_shards(str(tmp_path), shards=1, per_shard=1)
+    loader = Loader(_stream(str(tmp_path / "00000.tar"), 0, 1), 1, 0, 1, seed=0, num_workers=2)
+    with pytest.raises(DataError, match="given no samples.*use fewer loader workers"):
+        _take(loader, 3)
+
+
+class _AllBad(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, key):
+        return {"_bad": "corrupt_image"}
+
+
+def test_all_bad_map_dataset_is_a_data_error_after_one_epoch():
+    loader = Loader(_AllBad(), 4, 0, 1, seed=0)
+    with pytest.raises(DataError, match=r"whole epoch \(3 batches of 4\).*'corrupt_image': 12"):
+        next(iter(loader))
+
+
+def test_loader_checks_the_stop_flag_while_skipping():
+    from train.data.loader import StopRequested
+
+    loader = Loader(_AllBad(), 4, 0, 1, seed=0)
+    loader.should_stop = lambda: True
+    with pytest.raises(StopRequested):
+        next(iter(loader))
+    assert loader.consumed == 1 and loader.skipped == {"corrupt_image": 4}
+
+
+def test_kfe_train_on_all_bad_shards_exits_with_the_skip_counts(tmp_path, capsys):
+    """The reported hang: `kfe train clip` on shards whose samples all lack captions ran for 10+ minutes."""
+    from train.cli import main as kfe_main
+
+    write_shards(str(tmp_path / "bad"), shards=2, per_shard=3, no_caption=[(s, k) for s in range(2) for k in range(3)])
+    argv = ["train", "clip", "--preset", "shapes", "--data", str(tmp_path / "bad" / "{00000..00001}.tar"),
+            "--steps", "3", "--batch_size", "4", "--num_workers", "1", "--progress", "false",
+            "--out", str(tmp_path / "run")]
+    assert kfe_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "without one good sample" in err and "missing_caption" in err
+
+
+def test_training_stream_splits_over_two_torchrun_processes_without_overlap(tmp_path):
+    """Two real processes (torchrun, gloo) x two loader workers read the training stream: in one pass the
+    ranks' samples are disjoint and together all good samples; the corrupt member and the one without a
+    caption are counted once (placed mid-shard, their counts ride on the same pass's next sample)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.train.util import ROOT, env
+
+    good = write_shards(str(tmp_path), shards=5, per_shard=4, corrupt=[(1, 1)], no_caption=[(3, 2)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "train", "wds_ranks.py"), str(tmp_path / "{00000..00004}.tar"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    keys = [rank["keys"] for rank in ranks]
+    assert keys[0] and keys[1] and not set(keys[0]) & set(keys[1])       # both read, no sample by both
+    assert sorted(keys[0] + keys[1]) == sorted(good)                     # none twice, none lost
+    assert ranks[0]["streams"] == [0, 1] and ranks[1]["streams"] == [2, 3]  # 2 ranks x 2 workers
+    total = Counter(ranks[0]["skipped"]) + Counter(ranks[1]["skipped"])
+    assert total == {"corrupt_image": 1, "missing_caption": 1}

@@ -132,12 +132,13 @@ def test_empty_frame_folder_is_a_clear_error(tmp_path):
 def test_bench_uses_the_recipes_own_models():
     from types import SimpleNamespace
 
-    from train.bench import DEFAULTS, _settings
+    from train.bench import _settings
+    from train.recipes.supervised import BENCH
 
     cpu = torch.device("cpu")
     assert _settings(SimpleNamespace(sizes=""), cpu, "maskfeat") == [("maskfeat_vit_small", 64, 32, 2)]
     assert _settings(SimpleNamespace(sizes="32x8"), cpu, "maskfeat") == [("maskfeat_vit_small", 32, 8, 2)]
-    assert _settings(SimpleNamespace(sizes=""), cpu, "supervised") == DEFAULTS["cpu"]
+    assert _settings(SimpleNamespace(sizes=""), cpu, "supervised") == BENCH["cpu"]
 
 
 @pytest.mark.gpu

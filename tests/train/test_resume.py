@@ -106,3 +106,35 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert "stopped by SIGTERM at step" in text and "continue with --resume auto" in text
     (step, path), = ckpt.list_checkpoints(out)
     assert 2 <= step < 500 and ckpt.load(path)["step"] == step
+
+
+def test_sigterm_while_waiting_for_data_stops_at_once_with_an_exact_checkpoint(tmp_path):
+    """A SIGTERM that lands while the loader is busy (here: inside a sample's decode) stops the run there;
+    the steps done are checkpointed, and resuming gives the uninterrupted run's losses."""
+    from train.data.loader import Transformed
+    from train.run import resolve_config, train
+
+    over = ["--data", "shapes", *TINY, "--steps", "4", "--shapes.size", "64", "--ckpt_every", "100"]
+    ref = train("supervised", resolve_config("supervised", overrides=over + ["--out", str(tmp_path / "ref")])[0])
+    out = str(tmp_path / "run")
+    cfg = resolve_config("supervised", overrides=over + ["--out", out])[0]
+    calls, getitem = [0], Transformed.__getitem__
+
+    def getitem_then_sigterm(self, key):
+        calls[0] += 1
+        if calls[0] == 2 * 16 + 3:  # the 4th sample of step 2's batch (batch 16, steps 0 and 1 done)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return getitem(self, key)
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        Transformed.__getitem__ = getitem_then_sigterm
+        summary = train("supervised", cfg)
+    finally:
+        Transformed.__getitem__ = getitem
+        signal.signal(signal.SIGTERM, before)
+    assert summary["step"] == 2 and summary["checkpoint"].endswith("ckpt-00000002.pt")
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
+    cfg.resume = "auto"
+    train("supervised", cfg)
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(ref["run_dir"])]

@@ -64,13 +64,14 @@ def test_webdataset_training_counts_bad_samples(tmp_path):
 @pytest.mark.parametrize("flag, value", [("--data", "/nonexistent/imagenet"),
                                          ("--data", "/nonexistent/{000..009}.tar"),
                                          ("--val_data", "/nonexistent/val")])
-def test_missing_data_fails_before_any_model_is_built(monkeypatch, capsys, tmp_path, flag, value):
+def test_missing_data_fails_before_any_model_or_file(monkeypatch, capsys, tmp_path, flag, value):
     built = []
     monkeypatch.setattr(models, "create_model", lambda *a, **k: built.append(a))
-    code = kfe_main(["train", "supervised", *TINY, "--out", str(tmp_path), flag, value])
+    out = tmp_path / "run"
+    code = kfe_main(["train", "supervised", *TINY, "--out", str(out), flag, value])
     err = capsys.readouterr().err
     assert code == 2 and value.split("{")[0] in err and "Expected 'shapes'" in err
-    assert built == []
+    assert built == [] and not out.exists()   # nothing built, nothing written (not even the run directory)
 
 
 def test_config_saved_in_run_dir_reloads(tmp_path):
@@ -97,3 +98,25 @@ def test_gradient_clipping_and_the_logged_pre_clip_norm(tmp_path):
         float(torch.stack([p.grad.norm() for p in t.module.parameters()]).norm())))
     out = t.step(iter(t.loader), 0)
     assert float(out["grad_norm"]) > 0.05 and seen[0] == pytest.approx(0.05, rel=1e-4)
+
+
+def test_vit_trains_at_any_resolution_and_knn_probes_its_cls_token(tmp_path):
+    """A ViT at 32 px (not its 224 default): built for --resolution; `kfe eval --probe knn` pools its tokens."""
+    vit = ["--model", "vit_small_patch16", "--model_kwargs",
+           '{"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}']
+    cfg, summary = _train(tmp_path / "run", *vit, "--steps", "3", "--shapes.size", "16")
+    assert summary["step"] == 3 and len(metrics(cfg.out)) == 3 and "top1" in summary["eval"]
+    knn = evaluate_checkpoint(cfg.out, probe="knn", probe_samples=16)
+    assert 0 <= knn["knn_top1"] <= 1 and knn["n"] == 64 and knn["train_n"] == 16
+    # the probe's features are the cls token the classifier reads
+    from train.config import ConfigError
+    from train.run import load_for_eval
+
+    _, _, _, task, module, prepare, _, _ = load_for_eval(cfg.out)
+    batch = prepare({"image": torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)})
+    with torch.no_grad():
+        feats = task.embed(module, batch)
+        assert feats.shape == (2, 32)
+        torch.testing.assert_close(module.head(feats), module(batch["image"]))
+    with pytest.raises(ConfigError, match="use --resolution"):
+        _train(tmp_path / "bad", *vit[:2], "--model_kwargs", '{"img_size": 32}', "--steps", "1")

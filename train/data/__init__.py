@@ -17,12 +17,8 @@ from train.config import opt
 from train.data import shapes as shapes_mod
 from train.data.folder import ImageFolder
 from train.data.loader import Loader, Transformed, eval_batches  # noqa: F401  (re-exported)
-from train.data.transforms import make_transform, normalize  # noqa: F401
+from train.data.transforms import DataError, make_transform, normalize  # noqa: F401
 from train.data.webdataset import WebDatasetStream, check_shards
-
-
-class DataError(ValueError):
-    """A data spec that cannot be used (missing path, empty folder, ...)."""
 
 
 FORMATS = "'shapes', an ImageFolder directory, or WebDataset shards like data/{00000..00099}.tar"

@@ -12,7 +12,9 @@ from the batches it hands out, and on resume rotates the workers so that the str
 is served first (the DataLoader asks its workers round-robin, starting at worker 0).
 
 Bad samples are dropped from their batch (a map-style batch can come out smaller) and counted;
-`Loader.skipped` is this process's running total, saved in checkpoints.
+`Loader.skipped` is this process's running total, saved in checkpoints. Data with no good sample at all
+would be skipped forever: a whole epoch of empty batches (map-style; the same samples are bad in every
+epoch) or a stream's whole pass without a good sample raises DataError with the counts instead.
 """
 from __future__ import annotations
 
@@ -23,11 +25,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from train.data.transforms import BadSample
+from train.data.transforms import BadSample, DataError
 from train.data.webdataset import WebDatasetStream
 
 SKIP_REASONS = ("corrupt_image", "missing_caption", "missing_label", "missing_image", "corrupt_shard",
                 "unreadable_file")
+
+
+class StopRequested(BaseException):
+    """SIGTERM while waiting for data (a BaseException, like KeyboardInterrupt: no `except Exception` in a
+    library swallows it). `checkpoint`: whether the steps done so far can be saved exactly (set by the
+    trainer)."""
+
+    checkpoint = False
 
 
 class Transformed(Dataset):
@@ -67,6 +77,9 @@ def collate(samples: list[dict]) -> dict:
     meta = {"skipped": dict(skipped)}
     if "_stream" in samples[-1]:
         meta.update(stream=samples[-1]["_stream"], pos=samples[-1]["_pos"])
+    fatal = [s["_fatal"] for s in samples if s.get("_fatal")]
+    if fatal:
+        meta["fatal"] = fatal[0]
     batch["_meta"] = meta
     return batch
 
@@ -121,6 +134,7 @@ class Loader:
         self.consumed = 0            # micro-batches handed out by this rank
         self.positions: dict[int, tuple[int, int, int]] = {}
         self.skipped: Counter = Counter()
+        self.should_stop = lambda: False  # the trainer's stop flag, checked while skipping bad batches
         if not self.stream:
             self.sampler = EpochBatchSampler(len(dataset), batch, rank, world, seed)
 
@@ -146,14 +160,25 @@ class Loader:
         return DataLoader(self.dataset, batch_sampler=self.sampler, **kw)
 
     def __iter__(self) -> Iterator[dict]:
+        empty = 0  # consecutive batches without a good sample
         for batch in self._dataloader():
             meta = batch.pop("_meta")
             self.skipped.update(meta["skipped"])
+            if meta.get("fatal"):
+                raise DataError(f"{meta['fatal']}; skipped on this process so far: {dict(self.skipped)}")
             if "stream" in meta:
                 self.positions[meta["stream"]] = tuple(meta["pos"])
             self.consumed += 1
             if "image" in batch:  # a batch whose samples were all bad is counted, then passed over
+                empty = 0
                 yield batch
+                continue
+            empty += 1
+            if self.should_stop():
+                raise StopRequested(f"stopped while skipping bad data ({empty} empty batches in a row)")
+            if not self.stream and empty >= self.sampler.per_epoch:
+                raise DataError(f"a whole epoch ({empty} batches of {self.batch}) without one good sample: "
+                                f"skipped {dict(self.skipped)}")
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "positions": {int(k): list(v) for k, v in self.positions.items()},

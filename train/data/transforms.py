@@ -21,6 +21,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("none", "flip", "rrc")
 
 
+class DataError(ValueError):
+    """A data spec that cannot be used (missing path, empty folder, no good sample at all, ...)."""
+
+
 class BadSample(Exception):
     """A sample the loader skips and counts; `reason` is the metrics key (e.g. corrupt_image)."""
 

@@ -19,6 +19,9 @@ resumed stream seeks straight there (tar headers are skipped without reading the
 Bad data: an undecodable image (`corrupt_image`), a sample without a required caption
 (`missing_caption`) or label (`missing_label`), a truncated/corrupt shard (`corrupt_shard`, the rest
 of that shard is dropped) are skipped and counted; the count rides on the next batch of the stream.
+A training stream that reads a whole pass without one good sample would loop forever (the next pass
+holds the same bad samples): it ends with a `_fatal` marker instead, which the Loader raises as a
+DataError with the skip counts.
 """
 from __future__ import annotations
 
@@ -166,6 +169,7 @@ class WebDatasetStream(IterableDataset):
         skipped: dict[str, int] = {}
         while True:
             mine, keep = self._plan(pass_, stream, streams)
+            good, pass_skipped = 0, {}
             for si in range(start_shard, len(mine)):
                 j = mine[si]
                 skip = start_member if si == start_shard else 0
@@ -173,6 +177,7 @@ class WebDatasetStream(IterableDataset):
                     pos = (pass_, si, k + 1)
                     if parts is None:
                         skipped["corrupt_shard"] = skipped.get("corrupt_shard", 0) + 1
+                        pass_skipped["corrupt_shard"] = pass_skipped.get("corrupt_shard", 0) + 1
                         continue
                     if not keep(si, k):
                         continue
@@ -182,12 +187,25 @@ class WebDatasetStream(IterableDataset):
                         sample["image"] = self.transform(sample["image"], rng)
                     except BadSample as bad:
                         skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
+                        pass_skipped[bad.reason] = pass_skipped.get(bad.reason, 0) + 1
                         continue
                     sample.update(_stream=stream, _pos=pos, _skipped=skipped)
-                    skipped = {}
+                    skipped, good = {}, good + 1
                     yield sample
             if not self.loop:
                 if skipped:  # report what the tail of the pass dropped
                     yield {"_bad": None, "_stream": stream, "_pos": (pass_ + 1, 0, 0), "_skipped": skipped}
                 return
+            if not good and start_shard == 0 and start_member == 0:  # a whole pass: nothing good, ever
+                yield {"_bad": None, "_stream": stream, "_pos": (pass_ + 1, 0, 0), "_skipped": skipped,
+                       "_fatal": self._empty_pass(stream, streams, mine, pass_skipped)}
+                return
             pass_, start_shard, start_member = pass_ + 1, 0, 0
+
+    def _empty_pass(self, stream: int, streams: int, mine: list[int], skipped: dict[str, int]) -> str:
+        where = (f"data stream {stream} of {streams} (rank {self.rank}) read a whole pass over its {len(mine)} "
+                 f"of {len(self.shards)} shard(s) (first: {self.shards[mine[0]] if mine else 'none'})")
+        if skipped:
+            return f"{where} without one good sample: skipped {skipped}"
+        return (f"{where} and was given no samples: the shards hold fewer samples than the {streams} reading "
+                "streams (processes x num_workers); use fewer loader workers")

@@ -197,5 +197,9 @@ def describe(m: dict) -> str:
     return line
 
 
-RECIPE = register(Recipe("dit", DiTConfig, build_data, build_task, PRESETS,
+# kfe bench recipe dit: the shapes preset's DiT on the CPU; on a GPU the paper's DiT-XL/2 on 32 px pixels,
+# the token count (256) of DiT's 256 px images as 32x32 latents
+BENCH = {"cpu": [(None, 16, 32, 1)], "cuda": [(None, 32, 256, 12)]}
+
+RECIPE = register(Recipe("dit", DiTConfig, build_data, build_task, PRESETS, bench=BENCH,
                          help="diffusion transformer: DDPM with learned variance, CFG (kfe sample dit)"))

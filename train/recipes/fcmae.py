@@ -184,5 +184,8 @@ def export(sd: dict) -> dict:
     return to_official(sd)
 
 
-RECIPE = register(Recipe("fcmae", FCMAEConfig, build_data, build_task, PRESETS, export=export,
+# kfe bench recipe fcmae: the shapes preset's ConvNeXt V2 on the CPU, the paper's ConvNeXt V2-B on a GPU
+BENCH = {"cpu": [(None, 96, 64, 1)], "cuda": [(None, 224, 256, 12)]}
+
+RECIPE = register(Recipe("fcmae", FCMAEConfig, build_data, build_task, PRESETS, export=export, bench=BENCH,
                          help="ConvNeXt V2 FCMAE masked-image pre-training on the sparse encoder"))

@@ -163,5 +163,8 @@ def describe(m: dict) -> str:
     return line
 
 
-RECIPE = register(Recipe("mae", MAEConfig, build_data, build_task, PRESETS,
+# kfe bench recipe mae: the shapes preset's ViT on the CPU, the paper's ViT-L/16 on a GPU
+BENCH = {"cpu": [(None, 32, 64, 1)], "cuda": [(None, 224, 256, 12)]}
+
+RECIPE = register(Recipe("mae", MAEConfig, build_data, build_task, PRESETS, bench=BENCH,
                          help="masked autoencoder ViT pre-training (MAE; long-sequence MAE via --mask_unit)"))

@@ -1,4 +1,4 @@
-"""`supervised`: image classification with ConvNeXt / ConvNeXt V2 (and any registered classifier).
+"""`supervised`: image classification with ConvNeXt / ConvNeXt V2 / ViT (and any registered classifier).
 
 Defaults are ConvNeXt's ImageNet-1K recipe (Liu et al., arXiv 2201.03545, Appendix A.1, Table 5):
 AdamW, lr 4e-3 at batch 4096 (blr 2.5e-4 with lr = blr * batch / 256), weight decay 0.05, betas
@@ -9,10 +9,15 @@ stochastic depth 0.1 (ConvNeXt-T; 0.4 S, 0.5 B/L), EMA 0.9999. Not implemented h
 The `shapes` preset (chosen automatically for --data shapes) is a CPU-sized run: a 0.2M-parameter
 ConvNeXt V2 (Atto with one block per stage, dims 16..128) at 32 px, batch 64, 1000 steps, no Mixup/EMA,
 evaluated on the held-out split.
+
+A ViT (`--model vit_small_patch16`, ...) is built for `--resolution` (its position embeddings fix the
+image size) and classifies from its cls token; its features for `kfe eval --probe knn|linear` are that
+token too (as MAE's linear probe). The ConvNeXt hyper-parameters above are not DeiT's: set them.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 
 import models
 from train import data as data_mod
-from train.config import opt
+from train.config import ConfigError, opt
 from train.data import DataError, eval_batches
 from train.dist import DistInfo
 from train.eval import percent, top1
@@ -83,8 +88,18 @@ def _num_classes(cfg: SupervisedConfig, data: Data) -> int:
     return cfg.num_classes if cfg.num_classes > 0 else len(data.class_names)
 
 
+def _size_kw(cfg: SupervisedConfig) -> dict:
+    """{"img_size": resolution} for models built for one image size (ViTs: their position embeddings);
+    ConvNeXts take any size and no such argument."""
+    if "img_size" in cfg.model_kwargs:
+        raise ConfigError("model_kwargs must not set img_size: use --resolution")
+    with torch.device("meta"):  # a free build, to see the model's class
+        cls = type(models.create_model(cfg.model, **cfg.model_kwargs))
+    return {"img_size": cfg.resolution} if "img_size" in inspect.signature(cls.__init__).parameters else {}
+
+
 def build_model(cfg: SupervisedConfig, num_classes: int, device: str | torch.device | None = None):
-    kw = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
+    kw = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path, **_size_kw(cfg), **cfg.model_kwargs)
     if cfg.head_init_scale != 1.0:
         kw["head_init_scale"] = cfg.head_init_scale
     with torch.device(device) if device else contextlib.nullcontext():
@@ -112,7 +127,9 @@ def build_task(cfg: SupervisedConfig, data: Data, info: DistInfo) -> Task:
         return top1(lambda b: module(b["image"]), batches, prepare, info, n_cls)
 
     def embed(module, batch):
-        return module.forward_features(batch["image"])
+        feats = module.forward_features(batch["image"])
+        # A ViT returns its tokens (N, 1 + L, D): take the cls token, which its classifier reads too
+        return feats[:, 0] if feats.dim() == 3 else feats
 
     return Task(model=model, loss=loss, evaluate=evaluate, embed=embed, flops_per_sample=6.0 * macs,
                 channels_last=True, describe=describe)
@@ -125,5 +142,10 @@ def describe(m: dict) -> str:
     return line
 
 
-RECIPE = register(Recipe("supervised", SupervisedConfig, build_data, build_task, PRESETS,
-                         help="image classification: ConvNeXt / ConvNeXt V2 (ConvNeXt's ImageNet recipe)"))
+BENCH = {  # kfe bench recipe supervised: (model, resolution, global batch, loader workers)
+    "cpu": [("convnextv2_atto", 64, 32, 2)],
+    "cuda": [("convnextv2_atto", 224, 256, 12), ("convnext_tiny", 224, 128, 12)],
+}
+
+RECIPE = register(Recipe("supervised", SupervisedConfig, build_data, build_task, PRESETS, bench=BENCH,
+                         help="image classification: ConvNeXt / ConvNeXt V2 / ViT (ConvNeXt's ImageNet recipe)"))
