@@ -43,9 +43,11 @@ struct Scratch {
   // nb, near (float path): boundaries passed per column, and a 0/1 near-boundary flag, kept in acc_t
   // like everything else in the vote loop (mixed element widths keep it from vectorising well).
   std::vector<acc_t> weight, past, mag, X, Y, sums, nb, near;
+  std::vector<float> tree;  // band9's pairwise cell sums
   explicit Scratch(const Geometry& g, int64_t width)
       : rows(std::max(g.cell + 2, int64_t(7)) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width),
-        Y(width), sums(g.nbins * (width / g.cell)), nb(width), near(width) {}
+        Y(width), sums(g.nbins * (width / g.cell)), nb(width), near(width),
+        tree(g.nbins * width / 2 + 1) {}
 };
 
 inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
@@ -203,6 +205,9 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
     row[0] = static_cast<double>(src[reflect(x0 - 1, g.W)]);
     for (int64_t i = 0; i < width; ++i) row[i + 1] = static_cast<double>(src[x0 + i]);
     row[width + 1] = static_cast<double>(src[reflect(x0 + width, g.W)]);
+    // The same row of the next band (the next task): fetched from memory while this band computes.
+    if (const int64_t ahead = cy * g.cell + r - 1 + g.cell; ahead < g.H)
+      for (int64_t i = 0; i < width; i += 64 / sizeof(scalar_t)) __builtin_prefetch(plane + ahead * g.W + x0 + i);
     double *__restrict h2 = hs + 2 * (r % 3) * width, *__restrict s2 = h2 + width;
     _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) {
       h2[i] = row[i] - row[i + 2];
@@ -224,7 +229,7 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
       const float sign = 1.0f - 2.0f * static_cast<float>((gx < 0) | ((gx == 0) & (gy < 0)));
       const float Y = sign * gx, X = sign * gy, A = std::fabs(X), size = A + Y, tol = NEAR * size;
       const float tiny = size < TINY ? 1.0f : 0.0f;  // no float vote
-      const float mag = std::sqrt(X * X + Y * Y) * weight[i] * (1.0f - tiny);
+      const float mag = std::sqrt(X * X + Y * Y) * (g.gw ? weight[i] : 1.0f) * (1.0f - tiny);
       float n = 0, close = size > 0 ? tiny : 0.0f;  // zero gradients: nothing to vote
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
@@ -258,14 +263,29 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
       }
     }
   }
-  float* __restrict sums = s.sums.data();  // S_k per cell: sums[k * ncx + cx]
-  std::fill(sums, sums + nbins * ncx, 0.0f);
-  for (int64_t k = 0; k < nbins; ++k)
-    for (int64_t j = 0; j < g.cell; ++j) {
-      const float* __restrict pk = past + k * width + j;
-      float* __restrict sk = sums + k * ncx;
-      _Pragma("omp simd") for (int64_t cx = 0; cx < ncx; ++cx) sk[cx] += pk[cx * g.cell];
+  // S_k per cell, sums[k * ncx + cx]: the cell's run of `cell` values in row k of past. For a power-of-two
+  // cell (MaskFeat's 8) by pairwise sums over all of past at once (cells never straddle rows), which
+  // vectorise where the strided sums below would gather.
+  const float* sums = past;
+  if ((g.cell & (g.cell - 1)) == 0) {
+    float* bufs[2] = {s.tree.data(), past};
+    for (int64_t len = nbins * width / 2, b = 0; len >= nbins * ncx; len /= 2, b ^= 1) {
+      const float* __restrict src = sums;
+      float* __restrict dst = bufs[b];
+      _Pragma("omp simd") for (int64_t i = 0; i < len; ++i) dst[i] = src[2 * i] + src[2 * i + 1];
+      sums = dst;
     }
+  } else {
+    float* __restrict acc = s.sums.data();
+    std::fill(acc, acc + nbins * ncx, 0.0f);
+    for (int64_t k = 0; k < nbins; ++k)
+      for (int64_t j = 0; j < g.cell; ++j) {
+        const float* __restrict pk = past + k * width + j;
+        float* __restrict sk = acc + k * ncx;
+        _Pragma("omp simd") for (int64_t cx = 0; cx < ncx; ++cx) sk[cx] += pk[cx * g.cell];
+      }
+    sums = acc;
+  }
   for (int64_t cx = 0; cx < ncx; ++cx)  // hist[b] = S_b - S_{b+1}
     for (int64_t k = 0; k < nbins; ++k)
       hist[cx * nbins + k] = sums[k * ncx + cx] - (k + 1 < nbins ? sums[(k + 1) * ncx + cx] : 0.0f);
