@@ -187,31 +187,39 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
                                                       const double* table64, const float* gk, int64_t cy,
                                                       int64_t cx0, int64_t ncx, Scratch<float>& s, float* hist) {
   constexpr int64_t nbins = 9;
-  const int64_t width = ncx * g.cell, x0 = cx0 * g.cell, stride = width + 2;
+  const int64_t width = ncx * g.cell, x0 = cx0 * g.cell;
   // The float constants (c_j, s_j) of boundaries j = 1..4, heads and tails summed in double first.
   float C[4], S[4];
   for (int j = 0; j < 4; ++j) {
     C[j] = static_cast<float>(table64[4 * j] + table64[4 * j + 1]);
     S[j] = static_cast<float>(table64[4 * j + 2] + table64[4 * j + 3]);
   }
-  double* __restrict row = s.rows.data();         // one padded input row, as double
-  double* __restrict hs = s.rows.data() + stride;  // ring of 3 rows: h at hs + 2*slot*width, s after it
+  double* __restrict hs = s.rows.data();  // ring of 3 rows: h at hs + 2*slot*width, s after it
   float* __restrict past = s.past.data();
   float* __restrict weight = s.weight.data();  // all 1 without a Gaussian window
   float *__restrict mags = s.mag.data(), *__restrict nb = s.nb.data(), *__restrict near = s.near.data();
   std::fill(past, past + nbins * width, 0.0f);
   for (int64_t r = 0; r < g.cell + 2; ++r) {  // image rows y0-1 .. y0+cell, reflect-padded
     const scalar_t* src = plane + reflect(cy * g.cell + r - 1, g.H) * g.W;
-    row[0] = static_cast<double>(src[reflect(x0 - 1, g.W)]);
-    for (int64_t i = 0; i < width; ++i) row[i + 1] = static_cast<double>(src[x0 + i]);
-    row[width + 1] = static_cast<double>(src[reflect(x0 + width, g.W)]);
     // The same row of the next band (the next task): fetched from memory while this band computes.
     if (const int64_t ahead = cy * g.cell + r - 1 + g.cell; ahead < g.H)
       for (int64_t i = 0; i < width; i += 64 / sizeof(scalar_t)) __builtin_prefetch(plane + ahead * g.W + x0 + i);
     double *__restrict h2 = hs + 2 * (r % 3) * width, *__restrict s2 = h2 + width;
-    _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) {
-      h2[i] = row[i] - row[i + 2];
-      s2[i] = (row[i] + row[i + 2]) + 2.0 * row[i + 1];
+    // Columns whose neighbours are inside the image straight from the input; the (at most two) others
+    // through the reflect padding.
+    const int64_t lo = x0 == 0 ? 1 : 0, hi = std::max(lo, x0 + width == g.W ? width - 1 : width);
+    const scalar_t* __restrict a = src + x0 - 1;
+    _Pragma("omp simd") for (int64_t i = lo; i < hi; ++i) {
+      const double l = static_cast<double>(a[i]), m = static_cast<double>(a[i + 1]), rr = static_cast<double>(a[i + 2]);
+      h2[i] = l - rr;
+      s2[i] = (l + rr) + 2.0 * m;
+    }
+    for (int64_t i : {int64_t(0), width - 1}) {
+      if (i >= lo && i < hi) continue;
+      const double l = static_cast<double>(src[reflect(x0 + i - 1, g.W)]), m = static_cast<double>(src[x0 + i]),
+                   rr = static_cast<double>(src[reflect(x0 + i + 1, g.W)]);
+      h2[i] = l - rr;
+      s2[i] = (l + rr) + 2.0 * m;
     }
     if (r < 2) continue;
     const int64_t y = r - 2;  // output row: image rows r-2, r-1, r of the band
