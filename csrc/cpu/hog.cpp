@@ -16,7 +16,8 @@
 // split into a 12-bit head and a tail (exact direction vectors for the rational boundaries). For
 // float/half/bf16 input the boundary tests, magnitudes and sums run in float (twice the vector lanes)
 // on the exact gradient rounded to float, and the rare pixel whose float cross product is within its
-// error bound of zero is re-binned in double afterwards; double input runs in double throughout. The
+// error bound of zero is re-binned in double afterwards; double input runs in double throughout (9 bins
+// from float/half/bf16, MaskFeat's case, take band9_impl: the same arithmetic with less work). The
 // band kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time, since setup.py
 // builds for the baseline ISA.
 #include <ATen/ATen.h>
