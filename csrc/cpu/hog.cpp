@@ -16,7 +16,8 @@
 // split into a 12-bit head and a tail (exact direction vectors for the rational boundaries). For
 // float/half/bf16 input the boundary tests, magnitudes and sums run in float (twice the vector lanes)
 // on the exact gradient rounded to float, and the rare pixel whose float cross product is within its
-// error bound of zero is re-binned in double afterwards; double input runs in double throughout. The
+// error bound of zero is re-binned in double afterwards; double input runs in double throughout (9 bins
+// from float/half/bf16, MaskFeat's case, take band9_impl: the same arithmetic with less work). The
 // band kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time, since setup.py
 // builds for the baseline ISA.
 #include <ATen/ATen.h>
@@ -39,13 +40,15 @@ struct Geometry {
 
 template <typename acc_t>
 struct Scratch {
-  std::vector<double> rows;  // the band's input rows, reflect-padded, as double
+  std::vector<double> rows;  // the band's input rows, reflect-padded, as double (band9: a row + 3 h/s rows)
   // nb, near (float path): boundaries passed per column, and a 0/1 near-boundary flag, kept in acc_t
   // like everything else in the vote loop (mixed element widths keep it from vectorising well).
   std::vector<acc_t> weight, past, mag, X, Y, sums, nb, near;
+  std::vector<float> tree;  // band9's pairwise cell sums
   explicit Scratch(const Geometry& g, int64_t width)
-      : rows((g.cell + 2) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width),
-        Y(width), sums(g.nbins * (width / g.cell)), nb(width), near(width) {}
+      : rows(std::max(g.cell + 2, int64_t(7)) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width),
+        Y(width), sums(g.nbins * (width / g.cell)), nb(width), near(width),
+        tree(g.nbins * width / 2 + 1) {}
 };
 
 inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
@@ -170,10 +173,141 @@ inline __attribute__((always_inline)) void band_impl(const scalar_t* plane, cons
       hist[cx * nbins + k] = sums[k * ncx + cx] - (k + 1 < nbins ? sums[(k + 1) * ncx + cx] : acc_t(0));
 }
 
+// MaskFeat's case, 9 bins with float/half/bf16 input: the same histograms as band_impl, in about half
+// the work. (1) The Sobel filter is separable: per padded row h = a[i] - a[i+2] and s = a[i] + 2a[i+1] +
+// a[i+2] (double, exact), kept for three rows, give dx = h0 + 2h1 + h2 and dy = s0 - s2 (exact: the
+// same values as band_impl's). (2) The boundaries are symmetric about pi/2 (theta_{9-j} = pi - theta_j),
+// so with A = |X| four cross products decide the bin: n = #{j <= 4 : c_j Y - s_j A >= 0}, bin = n for
+// X >= 0 and 8 - n for X < 0 (X < 0 lies past theta_{9-j} iff (A, Y) is not past theta_j; exact
+// equality there is a tie in exact arithmetic only, which the near test below sends to double).
+// Each float cross product (one rounded constant per side, X and Y rounded to float) is within
+// ~4 * 2^-24 (|X| + Y) of the exact one: a pixel within NEAR (2^-18) of that of a boundary, or with a
+// tiny gradient, is re-binned in double against the full table, as in band_impl.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, const Geometry& g, const float* table,
+                                                      const double* table64, const float* gk, int64_t cy,
+                                                      int64_t cx0, int64_t ncx, Scratch<float>& s, float* hist) {
+  constexpr int64_t nbins = 9;
+  const int64_t width = ncx * g.cell, x0 = cx0 * g.cell;
+  // The float constants (c_j, s_j) of boundaries j = 1..4, heads and tails summed in double first.
+  float C[4], S[4];
+  for (int j = 0; j < 4; ++j) {
+    C[j] = static_cast<float>(table64[4 * j] + table64[4 * j + 1]);
+    S[j] = static_cast<float>(table64[4 * j + 2] + table64[4 * j + 3]);
+  }
+  double* __restrict hs = s.rows.data();  // ring of 3 rows: h at hs + 2*slot*width, s after it
+  float* __restrict past = s.past.data();
+  float* __restrict weight = s.weight.data();  // all 1 without a Gaussian window
+  float *__restrict mags = s.mag.data(), *__restrict nb = s.nb.data(), *__restrict near = s.near.data();
+  std::fill(past, past + nbins * width, 0.0f);
+  for (int64_t r = 0; r < g.cell + 2; ++r) {  // image rows y0-1 .. y0+cell, reflect-padded
+    const scalar_t* src = plane + reflect(cy * g.cell + r - 1, g.H) * g.W;
+    // The same row of the next band (the next task): fetched from memory while this band computes.
+    if (const int64_t ahead = cy * g.cell + r - 1 + g.cell; ahead < g.H)
+      for (int64_t i = 0; i < width; i += 64 / sizeof(scalar_t)) __builtin_prefetch(plane + ahead * g.W + x0 + i);
+    double *__restrict h2 = hs + 2 * (r % 3) * width, *__restrict s2 = h2 + width;
+    // Columns whose neighbours are inside the image straight from the input; the (at most two) others
+    // through the reflect padding.
+    const int64_t lo = x0 == 0 ? 1 : 0, hi = std::max(lo, x0 + width == g.W ? width - 1 : width);
+    const scalar_t* __restrict a = src + x0 - 1;
+    _Pragma("omp simd") for (int64_t i = lo; i < hi; ++i) {
+      const double l = static_cast<double>(a[i]), m = static_cast<double>(a[i + 1]), rr = static_cast<double>(a[i + 2]);
+      h2[i] = l - rr;
+      s2[i] = (l + rr) + 2.0 * m;
+    }
+    for (int64_t i : {int64_t(0), width - 1}) {
+      if (i >= lo && i < hi) continue;
+      const double l = static_cast<double>(src[reflect(x0 + i - 1, g.W)]), m = static_cast<double>(src[x0 + i]),
+                   rr = static_cast<double>(src[reflect(x0 + i + 1, g.W)]);
+      h2[i] = l - rr;
+      s2[i] = (l + rr) + 2.0 * m;
+    }
+    if (r < 2) continue;
+    const int64_t y = r - 2;  // output row: image rows r-2, r-1, r of the band
+    const double *__restrict h0 = hs + 2 * ((r - 2) % 3) * width, *__restrict s0 = h0 + width;
+    const double *__restrict h1 = hs + 2 * ((r - 1) % 3) * width;
+    if (g.gw) {
+      const float* wrow = gk + ((cy * g.cell + y) % g.gw) * g.gw;
+      for (int64_t i = 0; i < width; ++i) weight[i] = wrow[(x0 + i) % g.gw];
+    }
+    float any_near = 0;
+    _Pragma("omp simd reduction(max:any_near)") for (int64_t i = 0; i < width; ++i) {
+      // Kx = [[1,0,-1],[2,0,-2],[1,0,-1]], Ky = Kx^T as cross-correlation; fold (X, Y) = (gy, gx) into
+      // Y > 0 or (Y == 0, X >= 0) by a sign factor (rounding to float keeps signs and zeros).
+      const float gx = static_cast<float>((h0[i] + h2[i]) + 2.0 * h1[i]), gy = static_cast<float>(s0[i] - s2[i]);
+      const float sign = 1.0f - 2.0f * static_cast<float>((gx < 0) | ((gx == 0) & (gy < 0)));
+      const float Y = sign * gx, X = sign * gy, A = std::fabs(X), size = A + Y, tol = NEAR * size;
+      const float tiny = size < TINY ? 1.0f : 0.0f;  // no float vote
+      const float mag = std::sqrt(X * X + Y * Y) * (g.gw ? weight[i] : 1.0f) * (1.0f - tiny);
+      float n = 0, close = size > 0 ? tiny : 0.0f;  // zero gradients: nothing to vote
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const float c = C[j] * Y - S[j] * A;
+        n += c >= 0 ? 1.0f : 0.0f;
+        close = std::max(close, std::fabs(c) <= tol ? 1.0f : 0.0f);
+      }
+      const float bin = X < 0 ? 8.0f - n : n;
+      past[i] += mag;
+#pragma GCC unroll 8
+      for (int k = 1; k < nbins; ++k) past[k * width + i] += bin >= k ? mag : 0.0f;
+      mags[i] = mag, nb[i] = bin, near[i] = close;
+      any_near = std::max(any_near, close);
+    }
+    if (any_near > 0) {  // rare: re-bin in double the pixels the float tests could have misplaced
+      for (int64_t i = 0; i < width; ++i) {
+        if (near[i] == 0) continue;
+        const double dx = (h0[i] + h2[i]) + 2.0 * h1[i], dy = s0[i] - s2[i];
+        const bool flip = dx < 0 || (dx == 0 && dy < 0);
+        const double Yd = flip ? -dx : dx, Xd = flip ? -dy : dy;
+        int64_t exact = 0;
+        for (int64_t k = 1; k < nbins; ++k) exact += cross(table64 + 4 * (k - 1), Xd, Yd) >= 0;
+        // The float vote went to past[0..nb[i]] (nested): move it to past[0..exact]. A tiny gradient had
+        // no float vote (had = -1): it votes here.
+        const float Xf = static_cast<float>(Xd), Yf = static_cast<float>(Yd);
+        const bool tiny = std::fabs(Xf) + Yf < TINY;
+        const int64_t had = tiny ? -1 : static_cast<int64_t>(nb[i]);
+        const float mag = tiny ? std::sqrt(Xf * Xf + Yf * Yf) * weight[i] : mags[i];
+        for (int64_t k = std::min(exact, had) + 1; k <= std::max(exact, had); ++k)
+          past[k * width + i] += exact > had ? mag : -mag;
+      }
+    }
+  }
+  // S_k per cell, sums[k * ncx + cx]: the cell's run of `cell` values in row k of past. For a power-of-two
+  // cell (MaskFeat's 8) by pairwise sums over all of past at once (cells never straddle rows), which
+  // vectorise where the strided sums below would gather.
+  const float* sums = past;
+  if ((g.cell & (g.cell - 1)) == 0) {
+    float* bufs[2] = {s.tree.data(), past};
+    for (int64_t len = nbins * width / 2, b = 0; len >= nbins * ncx; len /= 2, b ^= 1) {
+      const float* __restrict src = sums;
+      float* __restrict dst = bufs[b];
+      _Pragma("omp simd") for (int64_t i = 0; i < len; ++i) dst[i] = src[2 * i] + src[2 * i + 1];
+      sums = dst;
+    }
+  } else {
+    float* __restrict acc = s.sums.data();
+    std::fill(acc, acc + nbins * ncx, 0.0f);
+    for (int64_t k = 0; k < nbins; ++k)
+      for (int64_t j = 0; j < g.cell; ++j) {
+        const float* __restrict pk = past + k * width + j;
+        float* __restrict sk = acc + k * ncx;
+        _Pragma("omp simd") for (int64_t cx = 0; cx < ncx; ++cx) sk[cx] += pk[cx * g.cell];
+      }
+    sums = acc;
+  }
+  for (int64_t cx = 0; cx < ncx; ++cx)  // hist[b] = S_b - S_{b+1}
+    for (int64_t k = 0; k < nbins; ++k)
+      hist[cx * nbins + k] = sums[k * ncx + cx] - (k + 1 < nbins ? sums[(k + 1) * ncx + cx] : 0.0f);
+}
+
 #define KFE_HOG_BAND_ARGS                                                                                   \
   const scalar_t *plane, const Geometry &g, const acc_t *table, const double *table64, const acc_t *gk,     \
       int64_t cy, int64_t cx0, int64_t ncx, Scratch<acc_t> &s, acc_t *hist
-#define KFE_HOG_BAND_CALL band_impl<NB, scalar_t, acc_t>(plane, g, table, table64, gk, cy, cx0, ncx, s, hist)
+#define KFE_HOG_BAND_CALL                                                        \
+  if constexpr (NB == -9)                                                        \
+    band9_impl<scalar_t>(plane, g, table, table64, gk, cy, cx0, ncx, s, hist);   \
+  else                                                                           \
+    band_impl<NB, scalar_t, acc_t>(plane, g, table, table64, gk, cy, cx0, ncx, s, hist)
 
 template <int NB, typename scalar_t, typename acc_t>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void band_avx512(KFE_HOG_BAND_ARGS) {
@@ -206,6 +340,8 @@ BandFn<scalar_t, acc_t> pick_isa() {
 // MaskFeat's 9 bins get the unrolled kernel; any other count the run-time loop.
 template <typename scalar_t, typename acc_t>
 BandFn<scalar_t, acc_t> pick_band(int64_t nbins) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (nbins == 9) return pick_isa<-9, scalar_t, acc_t>();  // band9_impl
   return nbins == 9 ? pick_isa<9, scalar_t, acc_t>() : pick_isa<0, scalar_t, acc_t>();
 }
 

@@ -193,6 +193,36 @@ def test_gradients_nearest_to_bin_boundaries(backend, nbins):
     check(backend, _probe_image(pairs), "hog", nbins=nbins)
 
 
+def _convergents(t, qmax):
+    """(p, q) continued-fraction convergents of t > 0 with 16 <= q <= qmax: |t - p/q| < 1/q^2."""
+    out, (p0, q0, p1, q1), x = [], (0, 1, 1, 0), t
+    while True:
+        a = math.floor(x)
+        p0, q0, p1, q1 = p1, q1, a * p1 + p0, a * q1 + q0
+        if q1 > qmax:
+            return out
+        if q1 >= 16:
+            out.append((p1, q1))
+        if x == a:
+            return out
+        x = 1 / (x - a)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_within_float32_error_of_a_boundary(backend):
+    # Gradients whose orientation is 1e-5 to 1e-10 rad from a 9-bin boundary: closer than a float32
+    # cross product can resolve (~1e-7 |P|), far more than float64 needs (~1e-16). A fast path that
+    # tests boundaries in float32 must notice these and decide them in float64 (the C++ near filter).
+    pairs = []
+    for k in range(1, 9):
+        t = math.tan(k * math.pi / 9)  # boundary: gx / gy = tan(theta_k), phase = atan2(gx, gy)
+        for p, q in _convergents(abs(t), 2 ** 16):
+            gx, gy = (p, q) if t > 0 else (p, -q)
+            pairs += [(gx, gy), (-gx, -gy)]
+    assert 64 <= len(pairs) <= 256, len(pairs)
+    check(backend, _probe_image(pairs), "hog", nbins=9)
+
+
 # --- layout, masks, video ------------------------------------------------------------------------------
 def test_reference_against_pixel_loops():
     # The reference recomputed with scalar loops straight from the issue's text, on a tiny image.
