@@ -178,24 +178,28 @@ def train_flops_per_image(name: str, res: int, overrides: dict | None) -> float 
         return None
 
 
+def header(meta: dict) -> str:
+    return "\n".join([f"device: {meta['device']} | torch {meta['torch']} | git {meta['git']} | {meta['date']}", "",
+                      "| model | provider | batch | res | precision | img/s | ms/step p50 | p20-p80 | first s | "
+                      "TFLOP/s | MFU | vs eager | peak MB |",
+                      "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"])
+
+
+def row(r: dict) -> str:
+    head = f"| {r['model']} | {r['provider']} | {r['batch']} | {r['resolution']} | {r['precision']} |"
+    if "skipped" in r or "error" in r:
+        return f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: ' + r['error'][:90]} ||||||||"
+    ms = r["ms"]
+    mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+    tf = f"{r['tflops']:.3g}" if "tflops" in r else ""
+    sp = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else ""
+    mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
+    return (f"{head} {r['images_per_s']:.1f} | {ms['p50']:.1f} | {ms['p20']:.1f}-{ms['p80']:.1f} | "
+            f"{r['first_step_s']:.1f} | {tf} | {mfu} | {sp} | {mem} |")
+
+
 def markdown(records: list[dict], meta: dict) -> str:
-    lines = [f"device: {meta['device']} | torch {meta['torch']} | git {meta['git']} | {meta['date']}", "",
-             "| model | provider | batch | res | precision | img/s | ms/step p50 | p20-p80 | first s | TFLOP/s | "
-             "MFU | vs eager | peak MB |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in records:
-        head = f"| {r['model']} | {r['provider']} | {r['batch']} | {r['resolution']} | {r['precision']} |"
-        if "skipped" in r or "error" in r:
-            lines.append(f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: ' + r['error'][:90]}"
-                         " ||||||||")
-            continue
-        ms = r["ms"]
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
-        tf = f"{r['tflops']:.3g}" if "tflops" in r else ""
-        sp = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else ""
-        mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
-        lines.append(f"{head} {r['images_per_s']:.1f} | {ms['p50']:.1f} | {ms['p20']:.1f}-{ms['p80']:.1f} | "
-                     f"{r['first_step_s']:.1f} | {tf} | {mfu} | {sp} | {mem} |")
-    return "\n".join(lines)
+    return "\n".join([header(meta)] + [row(r) for r in records])
 
 
 def providers_for(name: str, chosen: list[str] | None, device: torch.device) -> list[str]:
@@ -226,12 +230,16 @@ def run(args, device: torch.device) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if cpu else 20)
     chosen = args.providers.split(",") if args.providers else None
     peak = machine.spec(device).get("bf16_flops")
+    from engine.bench.report import write_json
+
+    meta = machine.info(device)
+    print(header(meta), flush=True)
     records = []
     for name in names:
         size = res if not name.startswith("dit_") or args.img_size else 32
         flops = train_flops_per_image(name, size, overrides)
         for dtype in dtypes:
-            group = []
+            base = None  # eager's img/s: the first provider (PROVIDERS order)
             for provider in providers_for(name, chosen, device):
                 print(f"  timing model {name} {provider} batch {batch} res {size} {dtype}", file=sys.stderr, flush=True)
                 try:
@@ -244,21 +252,19 @@ def run(args, device: torch.device) -> int:
                     rec.update(train_flops_per_image=flops, tflops=flops * rec["images_per_s"] / 1e12)
                     if peak:
                         rec["mfu"] = flops * rec["images_per_s"] / peak
-                group.append(rec)
-            base = next((r["images_per_s"] for r in group if r["provider"] == "eager" and "images_per_s" in r), None)
-            for r in group:
-                if base and "images_per_s" in r:
-                    r["speedup_vs_eager"] = r["images_per_s"] / base
-            records += group
-    meta = machine.info(device)
-    print(markdown(records, meta))
+                if provider == "eager" and "images_per_s" in rec:
+                    base = rec["images_per_s"]
+                if base and "images_per_s" in rec:
+                    rec["speedup_vs_eager"] = rec["images_per_s"] / base
+                # one row and the whole JSON per measurement: a run killed by a time limit keeps them
+                records.append(rec)
+                print(row(rec), flush=True)
+                if args.json:
+                    write_json([{**meta, **r} for r in records], args.json)
     if cpu and not chosen:
         print("\n(compile providers skipped on the CPU by default: inductor builds a training step in minutes "
               "here; add them with --providers eager,compile,...)")
     if args.json:
-        from engine.bench.report import write_json
-
-        write_json([{**meta, **r} for r in records], args.json)
         print(f"\nwrote {len(records)} records to {args.json}")
     return 1 if any("error" in r for r in records) else 0
 

@@ -130,7 +130,7 @@ def _cpu_time_per_image(case_list: list[Case], providers, repeats: int = 3) -> l
 
 def run(args: argparse.Namespace, device: torch.device) -> int:
     """Time the forward of every provider; print the usual table plus images/s per provider."""
-    from engine.bench import markdown, run as run_cases, write_json
+    from engine.bench import Reporter, run as run_cases, write_json
     from engine.cli import _parse_dtypes, _parse_sizes
 
     if args.modes and set(args.modes.split(",")) - {"fwd"}:
@@ -139,12 +139,17 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 10)
     repeats = args.repeats if args.repeats is not None else (5 if cpu else 50)
     providers = args.providers.split(",") if args.providers else None
+    report = Reporter(args.json)  # rows and JSON as each shape is timed: a timed-out run keeps them
+
+    def with_images_per_s(group: list[dict]) -> None:
+        for r in group:
+            if "ms" in r:
+                r["images_per_s"] = int(r["shape"].split("x")[0]) / (r["ms"]["p50"] * 1e-3)
+        report(group)
+
     records = run_cases(cases(device, _parse_sizes(args.sizes), _parse_dtypes(args.dtype)), ["fwd"], warmup,
-                        repeats, providers, progress=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True))
-    for r in records:
-        if "ms" in r:
-            r["images_per_s"] = int(r["shape"].split("x")[0]) / (r["ms"]["p50"] * 1e-3)
-    print(markdown(records))
+                        repeats, providers, on_group=with_images_per_s,
+                        progress=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True))
     print("\n| shape | dtype | provider | images/s | ms per image |\n|---|---|---|---:|---:|")
     for r in records:
         if "images_per_s" in r:
