@@ -43,11 +43,12 @@ struct Scratch {
   std::vector<double> rows;  // the band's input rows, reflect-padded, as double (band9: a row + 3 h/s rows)
   // nb, near (float path): boundaries passed per column, and a 0/1 near-boundary flag, kept in acc_t
   // like everything else in the vote loop (mixed element widths keep it from vectorising well).
+  // band9 keeps mag and nb (its bins) for all `cell` rows of the band: cell * width each.
   std::vector<acc_t> weight, past, mag, X, Y, sums, nb, near;
   std::vector<float> tree;  // band9's pairwise cell sums
   explicit Scratch(const Geometry& g, int64_t width)
-      : rows(std::max(g.cell + 2, int64_t(7)) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width), mag(width), X(width),
-        Y(width), sums(g.nbins * (width / g.cell)), nb(width), near(width),
+      : rows(std::max(g.cell + 2, int64_t(7)) * (width + 2)), weight(width, acc_t(1)), past(g.nbins * width),
+        mag(g.cell * width), X(width), Y(width), sums(g.nbins * (width / g.cell)), nb(g.cell * width), near(width),
         tree(g.nbins * width / 2 + 1) {}
 };
 
@@ -173,6 +174,27 @@ inline __attribute__((always_inline)) void band_impl(const scalar_t* plane, cons
       hist[cx * nbins + k] = sums[k * ncx + cx] - (k + 1 < nbins ? sums[(k + 1) * ncx + cx] : acc_t(0));
 }
 
+// band9's past[k][i] = sum over the band's `rows` rows of mag where bin >= k, for k = 0..8: the nine sums
+// are named scalars (vector registers in the simd loop; an array would live in memory). ROWS > 0 fixes
+// the row count (MaskFeat's cell of 8) so that the row loop unrolls.
+template <int ROWS>
+inline __attribute__((always_inline)) void column_sums9(const float* __restrict mags, const float* __restrict bins,
+                                                        int64_t width, int64_t rows, float* __restrict past) {
+  _Pragma("omp simd") for (int64_t i = 0; i < width; ++i) {
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0, a8 = 0;
+#pragma GCC unroll 8
+    for (int64_t y = 0; y < (ROWS > 0 ? ROWS : rows); ++y) {
+      const float m = mags[y * width + i], b = bins[y * width + i];
+      a0 += m;
+      a1 += b >= 1 ? m : 0.0f, a2 += b >= 2 ? m : 0.0f, a3 += b >= 3 ? m : 0.0f, a4 += b >= 4 ? m : 0.0f;
+      a5 += b >= 5 ? m : 0.0f, a6 += b >= 6 ? m : 0.0f, a7 += b >= 7 ? m : 0.0f, a8 += b >= 8 ? m : 0.0f;
+    }
+    past[i] = a0, past[width + i] = a1, past[2 * width + i] = a2, past[3 * width + i] = a3;
+    past[4 * width + i] = a4, past[5 * width + i] = a5, past[6 * width + i] = a6, past[7 * width + i] = a7;
+    past[8 * width + i] = a8;
+  }
+}
+
 // MaskFeat's case, 9 bins with float/half/bf16 input: the same histograms as band_impl, in about half
 // the work. (1) The Sobel filter is separable: per padded row h = a[i] - a[i+2] and s = a[i] + 2a[i+1] +
 // a[i+2] (double, exact), kept for three rows, give dx = h0 + 2h1 + h2 and dy = s0 - s2 (exact: the
@@ -198,8 +220,10 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
   double* __restrict hs = s.rows.data();  // ring of 3 rows: h at hs + 2*slot*width, s after it
   float* __restrict past = s.past.data();
   float* __restrict weight = s.weight.data();  // all 1 without a Gaussian window
-  float *__restrict mags = s.mag.data(), *__restrict nb = s.nb.data(), *__restrict near = s.near.data();
-  std::fill(past, past + nbins * width, 0.0f);
+  // The vote loop stores each pixel's magnitude and bin per row; the histograms are summed afterwards,
+  // per column over the band's rows in registers (one store per bin and column, not a load and a store
+  // per bin and pixel).
+  float *__restrict mags = s.mag.data(), *__restrict bins = s.nb.data(), *__restrict near = s.near.data();
   for (int64_t r = 0; r < g.cell + 2; ++r) {  // image rows y0-1 .. y0+cell, reflect-padded
     const scalar_t* src = plane + reflect(cy * g.cell + r - 1, g.H) * g.W;
     // The same row of the next band (the next task): fetched from memory while this band computes.
@@ -230,6 +254,7 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
       const float* wrow = gk + ((cy * g.cell + y) % g.gw) * g.gw;
       for (int64_t i = 0; i < width; ++i) weight[i] = wrow[(x0 + i) % g.gw];
     }
+    float *__restrict magr = mags + y * width, *__restrict binr = bins + y * width;
     float any_near = 0;
     _Pragma("omp simd reduction(max:any_near)") for (int64_t i = 0; i < width; ++i) {
       // Kx = [[1,0,-1],[2,0,-2],[1,0,-1]], Ky = Kx^T as cross-correlation; fold (X, Y) = (gy, gx) into
@@ -239,18 +264,17 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
       const float Y = sign * gx, X = sign * gy, A = std::fabs(X), size = A + Y, tol = NEAR * size;
       const float tiny = size < TINY ? 1.0f : 0.0f;  // no float vote
       const float mag = std::sqrt(X * X + Y * Y) * (g.gw ? weight[i] : 1.0f) * (1.0f - tiny);
-      float n = 0, close = size > 0 ? tiny : 0.0f;  // zero gradients: nothing to vote
+      float n = 0, dist = 0x1p127f - 0x1p127f * tiny;  // the smallest |cross product| (0 if tiny)
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const float c = C[j] * Y - S[j] * A;
         n += c >= 0 ? 1.0f : 0.0f;
-        close = std::max(close, std::fabs(c) <= tol ? 1.0f : 0.0f);
+        const float ac = std::fabs(c);
+        dist = ac < dist ? ac : dist;
       }
-      const float bin = X < 0 ? 8.0f - n : n;
-      past[i] += mag;
-#pragma GCC unroll 8
-      for (int k = 1; k < nbins; ++k) past[k * width + i] += bin >= k ? mag : 0.0f;
-      mags[i] = mag, nb[i] = bin, near[i] = close;
+      // Zero gradients (magnitude 0) vote nothing in any bin: never re-binned (flat image regions).
+      const float close = (size > 0 ? 1.0f : 0.0f) * (dist <= tol ? 1.0f : 0.0f);
+      magr[i] = mag, binr[i] = X < 0 ? 8.0f - n : n, near[i] = close;
       any_near = std::max(any_near, close);
     }
     if (any_near > 0) {  // rare: re-bin in double the pixels the float tests could have misplaced
@@ -261,17 +285,18 @@ inline __attribute__((always_inline)) void band9_impl(const scalar_t* plane, con
         const double Yd = flip ? -dx : dx, Xd = flip ? -dy : dy;
         int64_t exact = 0;
         for (int64_t k = 1; k < nbins; ++k) exact += cross(table64 + 4 * (k - 1), Xd, Yd) >= 0;
-        // The float vote went to past[0..nb[i]] (nested): move it to past[0..exact]. A tiny gradient had
-        // no float vote (had = -1): it votes here.
+        // The exact bin replaces the float one; a tiny gradient (no float vote, magnitude 0) gets its magnitude.
         const float Xf = static_cast<float>(Xd), Yf = static_cast<float>(Yd);
-        const bool tiny = std::fabs(Xf) + Yf < TINY;
-        const int64_t had = tiny ? -1 : static_cast<int64_t>(nb[i]);
-        const float mag = tiny ? std::sqrt(Xf * Xf + Yf * Yf) * weight[i] : mags[i];
-        for (int64_t k = std::min(exact, had) + 1; k <= std::max(exact, had); ++k)
-          past[k * width + i] += exact > had ? mag : -mag;
+        if (std::fabs(Xf) + Yf < TINY) magr[i] = std::sqrt(Xf * Xf + Yf * Yf) * weight[i];
+        binr[i] = static_cast<float>(exact);
       }
     }
   }
+  // past[k][i]: column i's magnitudes with bin >= k over the band's rows (nested sums, as in band_impl).
+  if (g.cell == 8)
+    column_sums9<8>(mags, bins, width, 8, past);
+  else
+    column_sums9<0>(mags, bins, width, g.cell, past);
   // S_k per cell, sums[k * ncx + cx]: the cell's run of `cell` values in row k of past. For a power-of-two
   // cell (MaskFeat's 8) by pairwise sums over all of past at once (cells never straddle rows), which
   // vectorise where the strided sums below would gather.
