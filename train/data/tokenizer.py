@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -34,7 +35,7 @@ def words(text: str) -> list[str]:
     return [w.replace("’", "'") for w in _WORD.findall(text.lower())]
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Base: subclasses define `encode_ids(text) -> list[int]` (no specials) and `decode_ids`."""
 
     kind = ""
@@ -43,11 +44,13 @@ class Tokenizer:
     pad_token_id: int
     vocab_size: int
 
+    @abstractmethod
     def encode_ids(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of text, without <sot>/<eot>."""
 
+    @abstractmethod
     def decode_ids(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        """Text of ids (no specials)."""
 
     def encode(self, text: str, context_length: int | None = None) -> list[int]:
         """<sot> ids <eot>, truncated to context_length (the last slot stays <eot>)."""
@@ -77,8 +80,9 @@ class Tokenizer:
             out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
+    @abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """JSON-able state; from_dict rebuilds the tokenizer (checkpoints keep it)."""
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Tokenizer) and self.to_dict() == other.to_dict()
