@@ -3,17 +3,18 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fcmae_interleaved.py [--size 4x224] [--rounds 9]
 
 Uses the cases of `kfe bench fcmae` (models/fcmae_bench.py) but alternates providers and mask ratios
-within every round, so load drift on a shared machine hits all of them alike; prints the median
+within every round (engine.bench.timing.interleaved), so load drift on a shared machine hits all of them alike; prints the median
 milliseconds per fwd+bwd (gradients for the image and every encoder parameter) and the speedups.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from engine.bench.core import step_of
+from engine.bench.timing import interleaved
 from models import fcmae_bench
 
 
@@ -24,29 +25,16 @@ def main() -> None:
     args = ap.parse_args()
     N, R = (int(v) for v in args.size.split("x"))
     cases = fcmae_bench.cases(torch.device("cpu"), sizes=[(N, R)])
-    runs = []
+    steps = {}
     for case in cases:
         for name, fn in case.providers.items():
-            inputs = case.make_inputs()
-            leaves = [inputs[i].detach().requires_grad_(True) for i in case.grad_inputs]
-            args_ = list(inputs)
-            for i, leaf in zip(case.grad_inputs, leaves):
-                args_[i] = leaf
-
-            def step(fn=fn, args_=args_, leaves=leaves):
-                out = fn(*args_)
-                torch.autograd.grad(out, leaves, torch.ones_like(out))
+            steps[(case.shape, name)] = step = step_of(case, fn, "fwd+bwd")
             step()  # warm-up
-            runs.append((case.shape, name, step, []))
-    for _ in range(args.rounds):
-        for _, _, step, times in runs:
-            t0 = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - t0))
+    times = interleaved(steps, args.rounds)
     print(f"fwd+bwd median ms over {args.rounds} interleaved rounds, {torch.get_num_threads()} thread(s)")
     print("| case | provider | median ms | vs reference | vs kfe-dense |")
     print("|---|---|---:|---:|---:|")
-    med = {(shape, name): statistics.median(times) for shape, name, _, times in runs}
+    med = {key: statistics.median(ms) for key, ms in times.items()}
     for (shape, name), ms in med.items():
         print(f"| {shape} | {name} | {ms:.1f} | {med[(shape, 'reference')] / ms:.2f}x | "
               f"{med[(shape, 'kfe-dense')] / ms:.2f}x |")

@@ -18,20 +18,9 @@ import time
 
 import torch
 
+from engine.bench.core import step_of
+from engine.bench.timing import interleaved
 from engine.ops.sparse_conv import bench
-
-
-def _step(case, fn):
-    inputs = case.make_inputs()
-    leaves = [inputs[i].detach().requires_grad_(True) for i in case.grad_inputs]
-    args = list(inputs)
-    for i, leaf in zip(case.grad_inputs, leaves):
-        args[i] = leaf
-
-    def step():
-        out = fn(*args)
-        torch.autograd.grad(out, leaves, torch.ones_like(out))
-    return step
 
 
 def main() -> None:
@@ -52,16 +41,11 @@ def main() -> None:
             continue
         shape, ratio = case.shape.split(" mask ")
         for name in providers:
-            step = _step(case, case.providers[name])
+            step = step_of(case, case.providers[name], "fwd+bwd")
             step()  # warm-up
             cells.append((shape, float(ratio), name, step))
-    times = {cell[:3]: [] for cell in cells}
     t_start = time.perf_counter()
-    for r in range(args.rounds):
-        for shape, ratio, name, step in (cells if r % 2 == 0 else cells[::-1]):
-            t0 = time.perf_counter()
-            step()
-            times[(shape, ratio, name)].append(1e3 * (time.perf_counter() - t0))
+    times = interleaved({cell[:3]: cell[3] for cell in cells}, args.rounds)
     wall = time.perf_counter() - t_start
 
     def paired(a, b):  # median over rounds of a / b, both timed in the same round

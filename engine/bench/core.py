@@ -56,10 +56,15 @@ def _prepare(case: Case, mode: str) -> tuple:
     return tuple(t.detach().requires_grad_(True) if i in case.grad_inputs else t for i, t in enumerate(inputs))
 
 
+def step_of(case: Case, fn: Callable, mode: str) -> Callable[[], object]:
+    """One timed call of provider fn on fresh inputs of the case, in mode (fwd / bwd / fwd+bwd)."""
+    return _step(fn, _prepare(case, mode), mode, case.grad_inputs)
+
+
 def _time_provider(case: Case, name: str, fn: Callable, mode: str, warmup: int, repeats: int) -> dict:
     dtype = str(case.dtype).removeprefix("torch.")
     rec = {"op": case.op, "provider": name, "mode": mode, "shape": case.shape, "dtype": dtype}
-    step = _step(fn, _prepare(case, mode), mode, case.grad_inputs)
+    step = step_of(case, fn, mode)
     try:
         t = time_fn(step, case.device, warmup, repeats)
         mem = peak_memory_mb(step, case.device)

@@ -38,6 +38,20 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     return _quantiles(ms)
 
 
+def interleaved(steps: dict, rounds: int) -> dict[object, list[float]]:
+    """CPU milliseconds of every step, one call each per round, in an order reversed on every other
+    round: load drift on a shared machine then hits all steps alike (benchmarks/*_interleaved.py).
+    Call each step once beforehand to warm it up."""
+    ms = {key: [] for key in steps}
+    items = list(steps.items())
+    for r in range(rounds):
+        for key, step in (items if r % 2 == 0 else items[::-1]):
+            t0 = time.perf_counter()
+            step()
+            ms[key].append(1e3 * (time.perf_counter() - t0))
+    return ms
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Extra device memory one call allocates at its peak, above what was allocated before it."""
     if device.type != "cuda":

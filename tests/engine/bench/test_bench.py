@@ -100,3 +100,17 @@ def test_doctor_reports_each_backend(capsys):
     for needle in ("torch " + torch.__version__, "triton mode: interpreter", "| grn | cpp | ok",
                    "| grn | reference | ok", "| grn | **auto picks** |"):
         assert needle in out, needle
+
+
+def test_interleaved_runs_every_step_once_per_round_alternating_the_order():
+    from engine.bench.timing import interleaved
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3} and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_step_of_differentiates_the_case_grad_inputs():
+    (case,) = grn_bench.cases(torch.device("cpu"), sizes=[(1, 2, 2, 8)], dtypes=[torch.float32])
+    grads = core.step_of(case, case.providers["reference"], "fwd+bwd")()
+    assert len(grads) == len(case.grad_inputs) and grads[0].shape == (1, 2, 2, 8)
