@@ -88,7 +88,7 @@ def _time_provider(case: Case, name: str, fn: Callable, mode: str, warmup: int, 
     seconds = t["p50"] * 1e-3
     rec.update(ms={k: t[k] for k in ("p20", "p50", "p80")}, input_sets=sets,
                peak_mem_mb=mem, bytes=case.bytes.get(mode), flops=case.flops.get(mode))
-    for key in ("graph_ms", "launch_ms", "graph_error"):
+    for key in ("repeats", "graph_ms", "launch_ms", "graph_error"):
         if key in t:
             rec[key] = t[key]
     if rec["bytes"]:

@@ -5,10 +5,12 @@ On the CPU: wall time per call (perf_counter). On a GPU, what triton.testing.do_
     finds its inputs in L2 left there by the one before (an H200 has ~60 MB of it);
   - the calls rotate over several input sets that together fill twice the L2 (`rotation_sets`);
   - start/end CUDA events around each call, read after one synchronise at the end; median of at least
-    GPU_MIN_REPEATS calls after the warm-up (which covers compilation and autotuning);
+    GPU_MIN_REPEATS calls after the warm-up (which covers compilation and autotuning), fewer only for
+    rows whose 50 calls would exceed ROW_BUDGET_S (`repeats` in the result says how many);
   - the same step captured once in a CUDA graph and replayed the same way: its median is the GPU time
     without host launch gaps, and `launch_ms` = eager median - graph median is the launch overhead
-    (it matters where an op launches several kernels: attention's backward, the sparse block).
+    (it matters where an op launches several kernels: attention's backward, the sparse block), for
+    calls under GRAPH_MAX_MS.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ import torch
 GPU_MIN_REPEATS = 50
 DEFAULT_L2_BYTES = 64 << 20  # when the device does not say (an H200 has 60 MiB, an H100 50 MiB)
 MAX_SETS = 8
+WARMUP_BUDGET_S = 0.5  # warm-up calls after the first ones, at most this long
+ROW_BUDGET_S = 2.0  # timed calls of one row at most this long (slow rows get fewer than 50 calls)
+MIN_SLOW_REPEATS = 10
+GRAPH_MAX_MS = 20.0  # launch overhead is measured where it can matter: calls shorter than this
 
 
 def _quantiles(ms: list[float]) -> dict[str, float]:
@@ -60,19 +66,29 @@ def time_fn(fn: Callable[[], object] | Sequence[Callable[[], object]], device: t
     GPU_MIN_REPEATS calls, L2 flushed before each; with graph=True also `graph_ms` (median replay of a
     CUDA graph of one call) and `launch_ms`, or `graph_error` when the step cannot be captured."""
     steps = list(fn) if isinstance(fn, (list, tuple)) else [fn]
-    for i in range(warmup):
+    if device.type == "cuda":
+        return _time_cuda(steps, device, warmup, repeats, graph)
+    for i in range(warmup):  # the CPU: wall time of each call
         steps[i % len(steps)]()
-    if device.type != "cuda":
-        ms = []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            steps[i % len(steps)]()
-            ms.append((time.perf_counter() - t0) * 1e3)
-        return _quantiles(ms)
-    repeats = max(repeats, GPU_MIN_REPEATS)
+    ms = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        steps[i % len(steps)]()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(ms)
+
+
+def _time_cuda(steps: list[Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+               graph: bool) -> dict[str, float]:
     flush = torch.empty(max(l2_bytes(device), DEFAULT_L2_BYTES) * 2 // 4, dtype=torch.int32, device=device)
-    out = _quantiles(_cuda_event_ms(steps, repeats, flush, device))
-    if graph:
+    for step in steps:  # first calls: compilation, autotuning, allocator growth
+        step()
+    est_ms = statistics.median(_cuda_event_ms(steps, 3, flush, device))
+    for i in range(min(max(warmup - 3, 0), int(WARMUP_BUDGET_S * 1e3 / max(est_ms, 1e-3)))):
+        steps[i % len(steps)]()
+    repeats = gpu_repeats(repeats, est_ms)
+    out = {**_quantiles(_cuda_event_ms(steps, repeats, flush, device)), "repeats": repeats}
+    if graph and est_ms <= GRAPH_MAX_MS:
         try:
             replay = _captured(steps[0], device)
             out["graph_ms"] = statistics.median(_cuda_event_ms([replay], repeats, flush, device))
@@ -81,6 +97,14 @@ def time_fn(fn: Callable[[], object] | Sequence[Callable[[], object]], device: t
             out["graph_error"] = repr(err)[:200]
     del flush
     return out
+
+
+def gpu_repeats(asked: int, est_ms: float) -> int:
+    """Timed calls on a GPU: at least GPU_MIN_REPEATS, unless they would take longer than ROW_BUDGET_S
+    (a 300 ms row of a borrowed GPU's few minutes); then as many as fit, at least MIN_SLOW_REPEATS."""
+    want = max(asked, GPU_MIN_REPEATS)
+    fit = int(ROW_BUDGET_S * 1e3 / max(est_ms, 1e-3))
+    return max(MIN_SLOW_REPEATS, min(want, fit))
 
 
 def _cuda_event_ms(steps: Sequence[Callable[[], object]], repeats: int, flush: torch.Tensor,

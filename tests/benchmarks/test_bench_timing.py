@@ -56,3 +56,10 @@ def test_gpu_check_times_kfe_first_then_peers_and_cuts_at_its_limit(tmp_path):
 def test_every_suite_has_priority_cases_in_the_dry_plan(suite):
     first, rest = gpuplan.plan(suite, torch.device("cpu"), dry=True)
     assert first and all(any(gpuplan.is_kfe(p) for p in c.providers) for c in first)
+
+
+def test_gpu_repeats_keep_50_unless_a_row_is_slow():
+    assert timing.gpu_repeats(10, 0.05) == timing.GPU_MIN_REPEATS          # asked fewer: still 50
+    assert timing.gpu_repeats(100, 0.05) == 100
+    assert timing.gpu_repeats(50, 1000 * timing.ROW_BUDGET_S / 20) == 20    # 20 calls fill the row's budget
+    assert timing.gpu_repeats(50, 10_000.0) == timing.MIN_SLOW_REPEATS
