@@ -29,7 +29,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # not under OUTDIR: the device tool returns 8 files
 # The orchestrator keeps to its own budget (395 s); this watchdog only guards against a hang in it.
-timeout -k 5 410 "$py" -m engine.bench.gpucheck "$work" "${dry[@]}"
+timeout -k 5 "${KFE_GPU_CHECK_WATCHDOG:-410}" "$py" -m engine.bench.gpucheck "$work" "${dry[@]}"
 status=$?
 if [ ! -s "$work/summary.md" ]; then
   { echo "# gpu_check: CUT: the orchestrator stopped (exit $status) before writing its summary"

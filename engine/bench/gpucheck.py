@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,19 @@ def log(msg: str) -> None:
     print(f"gpu_check: {msg}", flush=True)
 
 
+_children: list[subprocess.Popen] = []
+
+
+def _on_term(signum, frame) -> None:
+    """The shell's watchdog stops us: stop the phase's process group too (it has its own session)."""
+    for proc in _children:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    raise SystemExit(128 + signum)
+
+
 def run(cmd: list[str], out_path: str, timeout: float, env: dict | None = None) -> dict:
     """Run cmd with stdout+stderr to out_path, killed (its whole process group) after timeout s."""
     t0 = time.monotonic()
@@ -63,13 +77,16 @@ def run(cmd: list[str], out_path: str, timeout: float, env: dict | None = None) 
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _children.append(proc)
         try:
             rc = proc.wait(timeout=max(timeout, 0.1))
             timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             rc, timed_out = proc.wait(), True
             out.write(f"\ngpu_check: killed after {timeout:.0f} s (time limit)\n")
+        finally:
+            _children.remove(proc)
     return {"rc": rc, "timed_out": timed_out, "seconds": round(time.monotonic() - t0, 1), "limit_s": timeout}
 
 
@@ -168,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("workdir")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes, seconds")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_term)
     start = time.monotonic()
     end = start + float(os.environ.get("KFE_GPU_CHECK_BUDGET", BUDGET_S))
     work, dry, py = args.workdir, args.dry_run, sys.executable

@@ -34,7 +34,7 @@ def tests_cell(op: str, progress: dict | None, phase: dict | None, limit: float 
     counts = f"{s['passed']} pass / {s['failed']} fail / {s['skipped']} skip"
     missing = s["collected"] - s["passed"] - s["failed"] - s["skipped"] - s["cut"]
     if s["cut"]:
-        return f"CUT by its {limit:g} s limit: {counts}, {s['cut']} not run"
+        return f"CUT by its {limit or 0:g} s limit: {counts}, {s['cut']} not run"
     if missing > 0:
         return f"CUT by the phase limit: {counts}, {missing} not run"
     if s["failed"]:
