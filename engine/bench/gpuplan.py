@@ -7,7 +7,8 @@ Per suite, in this order, each row timed by engine.bench (GPU: median of >= 50 c
 inputs rotated, launch overhead apart):
   1. the KFE providers (names "kfe*") at the priority cases, fwd then fwd+bwd;
   2. the reference and the peers (SDPA backends, flash-attn / xformers, open_clip, timm...) there;
-  3. the remaining cases of the suite, KFE first, while the suite's limit lasts.
+  3. the remaining cases of the suite, KFE first, while the suite's limit lasts (plus what the suites
+     before it left unused).
 After every suite, if phase time remains: 4. torch.compile(reference) at the priority cases.
 Priority cases: attention N in {197, 257, 1024}; contrastive B = 16384 and 65536; sparse at mask 0.6;
 GRN and HOG at their first (largest) issue shape. --dry-run: the same plan at tiny sizes on the CPU.
@@ -190,9 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     suites = [s for s in args.suites.split(",") if s]
     for suite in suites:
         status.suite(suite)
+    saved = 0.0  # seconds earlier suites left unused: later suites may spend them (not a forced 0 s limit)
     for suite in suites:
-        firsts[suite] = run_suite(suite, device, args.dry_run, limits.get(suite, 30.0), phase_end, status,
-                                  args.workdir, warmup, repeats, records)
+        limit = limits.get(suite, 30.0)
+        t0 = time.monotonic()
+        firsts[suite] = run_suite(suite, device, args.dry_run, limit + saved if limit > 0 else 0.0, phase_end,
+                                  status, args.workdir, warmup, repeats, records)
+        if limit > 0:
+            saved = max(0.0, limit + saved - (time.monotonic() - t0))
     for suite in suites:
         if args.no_compiled:
             if status.suites[suite]["compiled_total"]:

@@ -95,7 +95,7 @@ def bench_cell(suite: str, status: dict | None, phase: dict | None) -> str:
         return "NOT RUN (phase time ran out)" if killed or status else "NOT RUN"
     timed = f"{s['priority_timed']}/{s['priority_total']} priority rows, {s['other_timed']}/{s['other_total']} others"
     if s["state"] == "cut":
-        return f"CUT by its {s.get('limit_s', 0):g} s limit: {timed}"
+        return f"CUT by its {s.get('limit_s', 0):.0f} s limit: {timed}"
     if s["state"] in ("running", "planning"):
         return f"CUT by the phase limit: {timed}"
     if s["state"] == "error":
