@@ -115,7 +115,7 @@ def write(work: str) -> str:
              f" | cuda {ceilings.get('cuda')} | python {ceilings.get('python')} | git {ceilings.get('git')}"
              f" | {ceilings.get('date')}",
              f"measured ceilings: copy bandwidth {ceilings.get('bandwidth_gbs', 0):.0f} GB/s (read + write), "
-             f"matmul {ceilings.get('matmul_tflops', 0):.1f} TFLOP/s ({ceilings.get('matmul', '?')})",
+             f"matmul {ceilings.get('matmul_tflops', 0):.3g} TFLOP/s ({ceilings.get('matmul', '?')})",
              "phases (s used / limit): " + ", ".join(
                  f"{k} {v.get('seconds', '?')}/{v.get('limit_s', '?'):.0f}{' CUT' if v.get('timed_out') else ''}"
                  for k, v in phases.items() if isinstance(v, dict) and "rc" in v)

@@ -23,7 +23,7 @@ def header(meta: dict) -> str:
     lines = [f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']}"
              f"{' (interpreter)' if meta['triton_interpret'] else ''} | git {meta['git']} | {meta['date']}",
              f"roofline: measured copy bandwidth {meta['measured_bandwidth_gbs']:.0f} GB/s" +
-             (f", measured matmul rate {meta['measured_matmul_tflops']:.1f} TFLOP/s"
+             (f", measured matmul rate {meta['measured_matmul_tflops']:.3g} TFLOP/s"
               if "measured_matmul_tflops" in meta else "") if "measured_bandwidth_gbs" in meta else "",
              "GPU times: median of >= 50 calls, L2 flushed before each, inputs rotated; launch ms = eager - "
              "CUDA graph replay" if meta.get("device_type") == "cuda" else "",

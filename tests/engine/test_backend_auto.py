@@ -11,7 +11,7 @@ from engine import _ext, backend
 from engine.cli import explain_pick
 
 # op: (auto on CPU, auto on CUDA). CPU: the fastest correct provider measured with `kfe bench --device
-# cpu` (attention: torch's own fused CPU attention, ~3-4x the reference; the others: engine._C's C++
+# cpu` (attention: torch's own fused CPU attention, forward ~4-8x, backward ~1.5x the reference; the others: engine._C's C++
 # kernels). CUDA: the fused kernels (HOG's CUDA C++ kernel where the extension or CuPy has it).
 EXPECTED = {
     "attention": ("torch", "triton"),

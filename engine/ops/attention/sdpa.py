@@ -9,7 +9,8 @@ Two inputs it gets wrong (measured, torch 2.14) are mapped onto ones it gets rig
   - scale <= 0 returns NaN (it scales q and k by sqrt(scale)): scale * (q k^T) = |scale| * ((-q) k^T),
     and scale 0 is 1 * (0 k^T); dq then picks up the factor -1 or 0;
   - zero queries (N = 0, H = 0 or B = 0) die with SIGFPE: nothing to compute, empty outputs / zero grads.
-On a 2-core CPU it is ~3-4x the reference (`kfe bench attention --device cpu`), so `auto` takes it there.
+On a 2-core CPU (ViT-B/16 and ViT-H/14 shapes, fp32, interleaved timings) its forward is ~4-8x the
+reference's and its backward ~1.5x (`kfe bench attention --device cpu`), so `auto` takes it there.
 """
 from __future__ import annotations
 
