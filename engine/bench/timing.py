@@ -10,11 +10,12 @@ On the CPU: wall time per call (perf_counter). On a GPU, what triton.testing.do_
   - the same step captured once in a CUDA graph and replayed the same way: its median is the GPU time
     without host launch gaps, and `launch_ms` = eager median - graph median is the launch overhead
     (it matters where an op launches several kernels: attention's backward, the sparse block), for
-    calls under GRAPH_MAX_MS.
+    calls under GRAPH_MAX_MS (KFE_BENCH_GRAPHS=0 turns the capture off).
 """
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from typing import Callable, Sequence
@@ -88,7 +89,7 @@ def _time_cuda(steps: list[Callable[[], object]], device: torch.device, warmup: 
         steps[i % len(steps)]()
     repeats = gpu_repeats(repeats, est_ms)
     out = {**_quantiles(_cuda_event_ms(steps, repeats, flush, device)), "repeats": repeats}
-    if graph and est_ms <= GRAPH_MAX_MS:
+    if graph and est_ms <= GRAPH_MAX_MS and os.environ.get("KFE_BENCH_GRAPHS", "1") != "0":
         try:
             replay = _captured(steps[0], device)
             out["graph_ms"] = statistics.median(_cuda_event_ms([replay], repeats, flush, device))
