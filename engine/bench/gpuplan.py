@@ -5,8 +5,9 @@
 
 Per suite, in this order, each row timed by engine.bench (GPU: median of >= 50 calls, L2 flushed,
 inputs rotated, launch overhead apart):
-  1. the KFE providers (names "kfe*") at the priority cases, fwd then fwd+bwd;
+  1. the KFE providers on the auto backend ("kfe", "kfe-rows"...) at the priority cases, fwd then fwd+bwd;
   2. the reference and the peers (SDPA backends, flash-attn / xformers, open_clip, timm...) there;
+     then KFE on forced other backends ("kfe[reference]", "kfe[triton]") there;
   3. the remaining cases of the suite, KFE first, while the suite's limit lasts (plus what the suites
      before it left unused).
 After every suite, if phase time remains: 4. torch.compile(reference) at the priority cases.
@@ -81,6 +82,11 @@ def is_kfe(name: str) -> bool:
     return name.startswith("kfe")
 
 
+def is_auto_kfe(name: str) -> bool:
+    """KFE as users run it (auto backend): "kfe", "kfe-rows"...; not "kfe[reference]" (a forced backend)."""
+    return is_kfe(name) and "[" not in name
+
+
 def rows(cases: list[core.Case], which) -> list[tuple[core.Case, str, str]]:
     """(case, mode, provider) for the providers `which(name)` selects, case by case, fwd first."""
     return [(c, m, p) for c in cases for m in modes_of(c) for p in c.providers if which(p)]
@@ -121,11 +127,12 @@ def run_suite(suite: str, device: torch.device, dry: bool, limit: float, phase_e
     except Exception as err:  # noqa: BLE001 - a suite that cannot even build its cases is reported
         status.suite(suite, state="error", notes=[f"plan failed: {err!r}"[:300]])
         return []
-    passes = [("kfe", True, rows(first, is_kfe)),
+    passes = [("kfe", True, rows(first, is_auto_kfe)),
               ("peers", True, rows(first, lambda p: not is_kfe(p) and p != COMPILED)),
+              ("kfe-backends", False, rows(first, lambda p: is_kfe(p) and not is_auto_kfe(p))),
               ("rest", False, rows(rest, is_kfe) + rows(rest, lambda p: not is_kfe(p) and p != COMPILED))]
     entry = status.suite(suite, state="running", priority_total=len(passes[0][2]) + len(passes[1][2]),
-                         other_total=len(passes[2][2]),
+                         other_total=len(passes[2][2]) + len(passes[3][2]),
                          compiled_total=len(rows(first, lambda p: p == COMPILED)))
     out = records.setdefault(suite, [])
     path = os.path.join(workdir, f"bench-{suite}.json")

@@ -43,7 +43,7 @@ def test_gpu_check_times_kfe_first_then_peers_and_cuts_at_its_limit(tmp_path):
     far = float("inf")
     gpuplan.run_suite("attention", torch.device("cpu"), True, 60.0, far, status, str(tmp_path), 0, 1, records)
     passes = [r["suite_pass"] for r in records["attention"]]
-    assert passes == sorted(passes, key=["kfe", "peers", "rest"].index) and passes[0] == "kfe"
+    assert passes == sorted(passes, key=["kfe", "peers", "kfe-backends", "rest"].index) and passes[0] == "kfe"
     assert all(r["provider"].startswith("kfe") for r in records["attention"] if r["suite_pass"] == "kfe")
     assert "compiled-reference" not in {r["provider"] for r in records["attention"]}  # pass 4 is separate
     assert status.suites["attention"]["state"] == "done"
