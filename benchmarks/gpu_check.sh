@@ -16,7 +16,8 @@
 #                      to the op list, e.g. KFE_GPU_SUITES="grn sparse hog contrastive attention model")
 # Output: OUTDIR/gpu_check.tar.gz (every log, JSON and table) and OUTDIR/summary.md, printed last: one row
 # per op with test counts, kfe time, best other provider, ratio, % of ceiling; a suite or test set cut
-# by its time limit says CUT. Knobs (see engine/bench/gpucheck.py): KFE_GPU_CHECK_LIMITS, KFE_GPU_BUILD=1.
+# by its time limit says CUT. Knobs (see engine/bench/gpucheck.py): KFE_GPU_CHECK_LIMITS, KFE_GPU_BUILD=1,
+# KFE_BENCH_GRAPHS=0 (no CUDA-graph launch timing), PYTHON (the interpreter; default python3).
 # Exit status: 0 all passed and nothing cut, 1 a failure or a cut, 2 no GPU (without --dry-run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
