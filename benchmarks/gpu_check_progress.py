@@ -43,6 +43,14 @@ class Progress:
             json.dump(self.state, f, indent=1)
         os.replace(tmp, self.path)
 
+    def pytest_collectreport(self, report) -> None:
+        # A test file that fails to import (run with --continue-on-collection-errors) is its op's failure.
+        if report.failed and report.nodeid:
+            op = self._op(self.op_of(report.nodeid))
+            op["collect_errors"] = op.get("collect_errors", 0) + 1
+            op["failures"].append(f"{report.nodeid} (collection error)")
+            self.write()
+
     def pytest_collection_finish(self, session) -> None:  # after -m / -k deselection
         for op in self.ops.values():
             self._op(op)

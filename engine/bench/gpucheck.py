@@ -152,6 +152,7 @@ def phase1(work: str, ops: list[str], lim: dict, py: str, end: float) -> dict:
            "KFE_PROGRESS_OPS": json.dumps(mapping),
            "KFE_PROGRESS_LIMITS": json.dumps({op: lim[f"tests.{op}"] for op in ops})}
     cmd = [py, "-m", "pytest", "-m", "gpu", "-v", "--tb=short", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors",
            "-p", "gpu_check_progress", "-o", "console_output_style=classic", *files]
     if importlib.util.find_spec("pytest_timeout"):
         cmd += ["--timeout", "60"]

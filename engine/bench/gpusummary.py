@@ -37,6 +37,8 @@ def tests_cell(op: str, progress: dict | None, phase: dict | None, limit: float 
         return f"CUT by its {limit or 0:g} s limit: {counts}, {s['cut']} not run"
     if missing > 0:
         return f"CUT by the phase limit: {counts}, {missing} not run"
+    if s.get("collect_errors"):
+        return f"FAIL: {s['collect_errors']} test file(s) did not import; {counts}"
     if s["failed"]:
         return f"FAIL: {counts}"
     if s["collected"] == 0:

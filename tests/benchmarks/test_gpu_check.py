@@ -75,15 +75,19 @@ def test_progress_plugin_cuts_an_op_past_its_limit(tmp_path):
     """The pytest plugin on a toy test file: op 'slow' has a 0 s limit, op 'fast' none."""
     (tmp_path / "test_fast.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    assert False\n")
     (tmp_path / "test_slow.py").write_text("def test_c():\n    pass\n\ndef test_d():\n    pass\n")
+    (tmp_path / "test_broken.py").write_text("import no_such_module_here\n")
     progress = tmp_path / "progress.json"
     env = {**os.environ, "KFE_PROGRESS": str(progress), "PYTHONPATH": os.path.join(ROOT, "benchmarks"),
-           "KFE_PROGRESS_OPS": json.dumps({"test_fast.py": "fast", "test_slow.py": "slow"}),
+           "KFE_PROGRESS_OPS": json.dumps({"test_fast.py": "fast", "test_slow.py": "slow", "test_broken.py": "broken"}),
            "KFE_PROGRESS_LIMITS": json.dumps({"slow": 0})}
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check_progress",
-                    "test_fast.py", "test_slow.py"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+                    "--continue-on-collection-errors", "test_fast.py", "test_broken.py", "test_slow.py"],
+                   cwd=tmp_path, env=env, capture_output=True, timeout=120)
     state = json.loads(progress.read_text())
     assert state["finished"]
     fast, slow = state["ops"]["fast"], state["ops"]["slow"]
     assert (fast["collected"], fast["passed"], fast["failed"], fast["cut"]) == (2, 1, 1, 0)
     assert fast["failures"] == ["test_fast.py::test_b"]
     assert (slow["collected"], slow["passed"], slow["cut"]) == (2, 0, 2)
+    assert state["ops"]["broken"]["collect_errors"] == 1  # a file that does not import is not "0 tests"
+    assert gpusummary.tests_cell("broken", state, {"rc": 1}, 30).startswith("FAIL")
