@@ -5,9 +5,11 @@ Backends, in the order `auto` tries them:
   cuda       CUDA C++ kernels from csrc/cuda (compiled into engine._C, or JIT-compiled at run time)
   triton     Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 when forced
   cpp        C++ CPU kernels from csrc/cpu, compiled into engine._C
+  torch      a fused kernel that torch itself ships (e.g. its flash attention for CPU), where it computes
+             exactly the op's function and beats the reference; no build needed
   reference  plain PyTorch: the specification, runs anywhere
 
-Choose with the environment variable KFE_BACKEND (auto | cuda | triton | cpp | reference) or, for a
+Choose with the environment variable KFE_BACKEND (auto | cuda | triton | cpp | torch | reference) or, for a
 block of code, `with engine.use_backend("triton"): ...`. The choice is process-wide rather than
 thread-local on purpose: autograd runs CUDA backward passes on its own threads, which must see it.
 A forced backend that cannot run the inputs raises BackendUnavailable with its reasons; `auto`
@@ -32,8 +34,17 @@ import torch
 
 log = logging.getLogger("kfe")
 
-BACKENDS = ("cuda", "triton", "cpp", "reference")
+BACKENDS = ("cuda", "triton", "cpp", "torch", "reference")
 CHOICES = ("auto",) + BACKENDS
+# Why `auto` takes a backend when it can, unless its Impl says more (`kfe doctor` prints it). The
+# order is fastest-first as measured by `kfe bench` on each device the backend runs on.
+WHY = {
+    "cuda": "hand-written CUDA kernels, the fastest path where built",
+    "triton": "fused Triton kernels on CUDA tensors",
+    "cpp": "C++ CPU kernels from engine._C, faster than the reference on the CPU",
+    "torch": "a fused kernel of torch's own, faster than the reference",
+    "reference": "no faster backend can run these inputs",
+}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _forced: list[str] = []
@@ -94,7 +105,7 @@ def _installed(backend: str) -> list[str]:
 
 
 def _device_reasons(backend: str, device: torch.device, forced: bool) -> list[str]:
-    if backend == "reference":
+    if backend in ("reference", "torch"):  # torch's kernels say per op which devices they take (Impl.check)
         return []
     if backend == "cpp":
         return [] if device.type == "cpu" else [f"C++ kernels run on CPU tensors, got {device.type}"]
@@ -115,12 +126,19 @@ class Impl:
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     check: Callable[..., list[str]] | None = None  # op-specific reasons for given inputs
     available: Callable[[], list[str]] | None = None  # op-specific install reasons (e.g. a kernel missing)
+    why: str = ""  # why `auto` takes it when it can (for `kfe doctor`), e.g. a measured speed-up
+    devices: tuple[str, ...] | None = None  # device types it takes, where narrower than its backend's
 
-    def reasons(self, x: torch.Tensor, *args, forced: bool = False) -> list[str]:
+    def reasons(self, x: torch.Tensor, *args, forced: bool = False, device: torch.device | None = None) -> list[str]:
+        """Why this backend cannot run these inputs ([] = it can). `device` judges x as if it lived
+        there (what `auto` would do on a GPU, asked on a machine without one)."""
+        device = x.device if device is None else torch.device(device)
         why = _installed(self.backend) + (self.available() if self.available else [])
         if why:
             return why
-        why = _device_reasons(self.backend, x.device, forced)
+        why = _device_reasons(self.backend, device, forced)
+        if self.devices is not None and device.type not in self.devices:
+            why.append(f"runs on {' / '.join(self.devices)} tensors, got {device.type}")
         if x.dtype not in self.dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             why.append(f"dtype {str(x.dtype).removeprefix('torch.')} not supported (supports {names})")
@@ -164,14 +182,16 @@ class OpBackends:
         self._note_fallback(x, impl, skipped)
         return impl.load()
 
-    def pick(self, x: torch.Tensor, *args) -> tuple[Impl | None, dict[str, list[str]]]:
-        """What `auto` would choose, and why each backend before it was passed over."""
+    def pick(self, x: torch.Tensor, *args, device: torch.device | None = None
+             ) -> tuple[Impl | None, dict[str, list[str]]]:
+        """What `auto` would choose, and why each backend before it was passed over (`device`: judge
+        the inputs as if they lived there)."""
         skipped: dict[str, list[str]] = {}
         for name in BACKENDS:
             impl = self.impls.get(name)
             if impl is None:
                 continue
-            why = impl.reasons(x, *args)
+            why = impl.reasons(x, *args, device=device)
             if not why:
                 return impl, skipped
             skipped[name] = why

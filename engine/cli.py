@@ -48,17 +48,34 @@ def doctor(args: argparse.Namespace) -> int:
         examples = {d: table.example(d)[0] for d in devices}
         for name in backend.BACKENDS:
             impl = table.impls.get(name)
+            if impl is None:
+                continue
             cells = []
             for d in devices:
-                if impl is None:
-                    cells.append("-")
-                else:
-                    why = impl.reasons(examples[d], forced=True)
-                    cells.append("ok" if not why else "no: " + "; ".join(why))
+                why = impl.reasons(examples[d], forced=True)
+                cells.append("ok" if not why else "no: " + "; ".join(why))
             print(f"| {op} | {name} | " + " | ".join(cells) + " |")
         picks = [f"{table.pick(examples[d])[0].backend} on {d.type}" for d in devices]
         print(f"| {op} | **auto picks** | " + " | ".join(picks) + " |")
+    print()
+    print("Why auto picks what it picks (it takes the first backend, in the order "
+          f"{' > '.join(backend.BACKENDS)}, that can run the inputs):")
+    for op, table in sorted(backend.REGISTRY.items()):
+        for d in devices:
+            print(f"  {op} on {d.type}: {explain_pick(table, table.example(d)[0])}")
     return 0
+
+
+def explain_pick(table: backend.OpBackends, x: torch.Tensor, device: torch.device | None = None) -> str:
+    """One line: the backend `auto` takes for x (as if on `device`), why, and why the ones before it
+    were passed over."""
+    impl, skipped = table.pick(x, device=device)
+    if impl is None:
+        return "nothing can run it: " + " | ".join(f"{n}: {'; '.join(w)}" for n, w in skipped.items())
+    line = f"{impl.backend} ({impl.why or backend.WHY[impl.backend]})"
+    if skipped:
+        line += "; passed over " + "; ".join(f"{n}: {', '.join(w)}" for n, w in skipped.items())
+    return line
 
 
 def _parse_sizes(text: str | None) -> list[tuple[int, ...]] | None:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from engine.bench import machine
-from engine.bench.timing import peak_memory_mb, time_fn
+from engine.bench.timing import input_bytes, l2_bytes, peak_memory_mb, rotation_sets, time_fn
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -61,22 +61,42 @@ def step_of(case: Case, fn: Callable, mode: str) -> Callable[[], object]:
     return _step(fn, _prepare(case, mode), mode, case.grad_inputs)
 
 
+def steps_of(case: Case, fn: Callable, mode: str) -> list[Callable[[], object]]:
+    """Steps over as many input sets as the GPU timing rotates through (timing.rotation_sets: together
+    twice the L2 cache); one on the CPU."""
+    inputs = _prepare(case, mode)
+    steps = [_step(fn, inputs, mode, case.grad_inputs)]
+    if case.device.type == "cuda":
+        free = torch.cuda.mem_get_info(case.device)[0]
+        sets = rotation_sets(input_bytes(inputs), l2_bytes(case.device), free)
+        steps += [step_of(case, fn, mode) for _ in range(sets - 1)]
+    return steps
+
+
 def _time_provider(case: Case, name: str, fn: Callable, mode: str, warmup: int, repeats: int) -> dict:
     dtype = str(case.dtype).removeprefix("torch.")
     rec = {"op": case.op, "provider": name, "mode": mode, "shape": case.shape, "dtype": dtype}
-    step = step_of(case, fn, mode)
     try:
-        t = time_fn(step, case.device, warmup, repeats)
-        mem = peak_memory_mb(step, case.device)
+        steps = steps_of(case, fn, mode)
+        sets = len(steps)
+        t = time_fn(steps, case.device, warmup, repeats, graph=True)
+        mem = peak_memory_mb(steps[0], case.device)
     except Exception as err:  # noqa: BLE001 - a provider that fails is reported, not fatal
         return {**rec, "error": repr(err)[:300]}
+    finally:
+        steps = None  # free the input sets before the next provider allocates its own
     seconds = t["p50"] * 1e-3
-    rec.update(ms=t, peak_mem_mb=mem, bytes=case.bytes.get(mode), flops=case.flops.get(mode))
+    rec.update(ms={k: t[k] for k in ("p20", "p50", "p80")}, input_sets=sets,
+               peak_mem_mb=mem, bytes=case.bytes.get(mode), flops=case.flops.get(mode))
+    for key in ("repeats", "graph_ms", "launch_ms", "graph_error"):
+        if key in t:
+            rec[key] = t[key]
     if rec["bytes"]:
         rec["gbs"] = rec["bytes"] / seconds / 1e9
         rec["pct_bandwidth"] = 100 * rec["bytes"] / seconds / machine.measured_bandwidth(str(case.device))
     if rec["flops"]:
         rec["tflops"] = rec["flops"] / seconds / 1e12
+        rec["pct_matmul"] = 100 * rec["flops"] / seconds / machine.measured_matmul_rate(str(case.device))
         peak = machine.spec(case.device).get("bf16_flops")
         if peak:
             rec["pct_peak_flops"] = 100 * rec["flops"] / seconds / peak
@@ -108,6 +128,8 @@ def run(cases: Sequence[Case], modes: Sequence[str], warmup: int, repeats: int,
     for case in cases:
         meta = {**machine.info(case.device),
                 "measured_bandwidth_gbs": machine.measured_bandwidth(str(case.device)) / 1e9}
+        if any(case.flops.values()):
+            meta["measured_matmul_tflops"] = machine.measured_matmul_rate(str(case.device)) / 1e12
         for mode in modes:
             group = []
             for name, fn in case.providers.items():

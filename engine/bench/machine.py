@@ -67,6 +67,23 @@ def measured_bandwidth(device_str: str) -> float:
     return 2 * src.numel() * src.element_size() / (t["p50"] * 1e-3)
 
 
+@functools.lru_cache(maxsize=None)
+def measured_matmul_rate(device_str: str, n: int | None = None) -> float:
+    """FLOP/s of a large square matmul (bf16 on a GPU: its tensor cores; float32 on the CPU): the
+    compute roofline the "% MM" columns use. n defaults to 8192 on a GPU, 1024 on the CPU."""
+    from engine.bench.timing import time_fn
+
+    device = torch.device(device_str)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 1024)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=3, repeats=10 if cuda else 3)
+    return 2 * n ** 3 / (t["p50"] * 1e-3)
+
+
 def info(device: torch.device) -> dict:
     return {
         "device": device_name(device),

@@ -10,8 +10,8 @@ import os
 import sys
 from typing import TextIO
 
-COLUMNS = ("| op | shape | dtype | mode | provider | median ms | p20-p80 ms | GB/s | % BW | TFLOP/s | "
-           "speedup | vs best other | peak MB |")
+COLUMNS = ("| op | shape | dtype | mode | provider | median ms | p20-p80 ms | launch ms | GB/s | % BW | TFLOP/s | "
+           "% MM | speedup | vs best other | peak MB |")
 
 
 def _fmt(value, spec: str) -> str:
@@ -22,24 +22,29 @@ def header(meta: dict) -> str:
     """Machine line, roofline line and the table's header, from any record's metadata."""
     lines = [f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']}"
              f"{' (interpreter)' if meta['triton_interpret'] else ''} | git {meta['git']} | {meta['date']}",
-             f"roofline: measured copy bandwidth {meta['measured_bandwidth_gbs']:.0f} GB/s" if
-             "measured_bandwidth_gbs" in meta else "",
+             f"roofline: measured copy bandwidth {meta['measured_bandwidth_gbs']:.0f} GB/s" +
+             (f", measured matmul rate {meta['measured_matmul_tflops']:.3g} TFLOP/s"
+              if "measured_matmul_tflops" in meta else "") if "measured_bandwidth_gbs" in meta else "",
+             "GPU times: median of >= 50 calls, L2 flushed before each, inputs rotated; launch ms = eager - "
+             "CUDA graph replay" if meta.get("device_type") == "cuda" else "",
              "speedup: vs the reference (eager); vs best other: a KFE provider vs the fastest non-KFE one "
              "(reference, compiled reference or a peer), > 1 = KFE faster", "",
-             COLUMNS, "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             COLUMNS, "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     return "\n".join(lines)
 
 
 def row(r: dict) -> str:
     head = f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
     if "error" in r:
-        return head + f"failed: {r['error'][:80]} ||||||||"
+        return head + f"failed: {r['error'][:80]} ||||||||||"
     speed = next((v for k, v in r.items() if k.startswith("speedup_vs_") and k != "speedup_vs_best_other"), None)
     vs_best = r.get("speedup_vs_best_other")
     best = "" if vs_best is None else f"{vs_best:.2f}x {r['best_other']}"
     ms = r["ms"]
-    return (head + f"{ms['p50']:.3f} | {ms['p20']:.3f}-{ms['p80']:.3f} | {_fmt(r.get('gbs'), '.1f')} | "
+    return (head + f"{ms['p50']:.3f} | {ms['p20']:.3f}-{ms['p80']:.3f} | {_fmt(r.get('launch_ms'), '.3f')} | "
+            f"{_fmt(r.get('gbs'), '.1f')} | "
             f"{_fmt(r.get('pct_bandwidth'), '.0f')} | {_fmt(r.get('tflops'), '.2f')} | "
+            f"{_fmt(r.get('pct_matmul'), '.0f')} | "
             f"{_fmt(speed, '.2f') + ('x' if speed else '')} | "
             f"{best} | "
             f"{_fmt(r.get('peak_mem_mb'), '.0f')} |")
