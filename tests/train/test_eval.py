@@ -1,5 +1,7 @@
 """Evaluation helpers: k-NN and linear probe recover separable classes and sit at chance on noise;
 top-1 counts over ranks; Mixup/CutMix targets."""
+import math
+
 import pytest
 import torch
 
@@ -112,3 +114,70 @@ def test_target_check_fails_on_swapped_weights_and_an_uncorrected_cutmix_lam():
     x0[..., :4, :4] = x.flip(0)[..., :4, :4]                  # a 4x4 box: 1/16 pasted; the draw said 1/4
     with pytest.raises(AssertionError):
         check_mixed_targets(x, y, x0, smooth * 0.75 + smooth.flip(0) * 0.25, 5, 0.1, True)
+
+
+# ---- k-NN, linear probe, features: against written-out computations
+
+def _knn_brute(train_x, train_y, test_x, num_classes, k, temperature):
+    """DINO's weighted k-NN, one test sample at a time in float64: the k most cosine-similar training
+    samples vote for their class with weight exp(sim / T)."""
+    tr = train_x.double() / train_x.double().norm(dim=1, keepdim=True)
+    preds = []
+    for x in test_x.double():
+        sim = tr @ (x / x.norm())
+        order = sorted(range(len(sim)), key=lambda j: -float(sim[j]))[:k]
+        votes = [0.0] * num_classes
+        for j in order:
+            votes[int(train_y[j])] += math.exp(float(sim[j]) / temperature)
+        preds.append(max(range(num_classes), key=lambda c: votes[c]))
+    return torch.tensor(preds)
+
+
+@pytest.mark.parametrize("k, temperature, chunk", [(20, 0.07, 1024), (5, 0.5, 7), (1, 0.07, 3)])
+def test_knn_matches_the_brute_force_weighted_vote(k, temperature, chunk):
+    xtr, ytr = _blobs(120, spread=5.0)
+    xte, yte = _blobs(40, spread=5.0, seed=1)
+    want = int((_knn_brute(xtr, ytr, xte, 4, k, temperature) == yte).sum()) / len(yte)
+    assert 0.3 < want < 1.0                                   # overlapping blobs: some errors to get right
+    assert knn_top1(xtr, ytr, xte, yte, num_classes=4, k=k, temperature=temperature, chunk=chunk) == want
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    # two neighbours of class 0 at cosine 0.6, one of class 1 at 0.99: exp(sim / 0.07) lets class 1 win;
+    # a plain majority (or a very large temperature) would pick class 0
+    q = torch.tensor([[1.0, 0.0]])
+    train = torch.tensor([[0.6, 0.8], [0.6, -0.8], [0.99, (1 - 0.99 ** 2) ** 0.5]])
+    labels = torch.tensor([0, 0, 1])
+    assert knn_top1(train, labels, q, torch.tensor([1]), num_classes=2, k=3, temperature=0.07) == 1.0
+    assert knn_top1(train, labels, q, torch.tensor([0]), num_classes=2, k=3, temperature=100.0) == 1.0
+    assert knn_top1(train, labels, q * 5, torch.tensor([1]), num_classes=2, k=3) == 1.0   # cosine: scale-free
+    with pytest.raises(ValueError, match="non-empty"):
+        knn_top1(train[:0], labels[:0], q, torch.tensor([1]), num_classes=2)
+
+
+def test_linear_probe_standardises_features_and_is_seeded():
+    """MAE's probe: affine-free BatchNorm on the features, so a per-dimension scale and shift of the
+    features changes nothing; the same seed gives the same accuracy."""
+    xtr, ytr = _blobs(200, spread=1.0)
+    xte, yte = _blobs(100, spread=1.0, seed=1)
+    acc = linear_probe(xtr, ytr, xte, yte, num_classes=4, epochs=10, seed=3)
+    assert acc == linear_probe(xtr, ytr, xte, yte, num_classes=4, epochs=10, seed=3)
+    scale, shift = torch.logspace(-3, 3, 16), torch.randn(16) * 100
+    assert linear_probe(xtr * scale + shift, ytr, xte * scale + shift, yte, num_classes=4, epochs=10,
+                        seed=3) == pytest.approx(acc, abs=0.02)
+    with pytest.raises(ValueError, match="non-empty"):
+        linear_probe(xtr[:0], ytr[:0], xte, yte, num_classes=4)
+
+
+def test_features_and_top1_over_several_batches():
+    from train.eval import features
+
+    batches = [{"x": torch.full((3, 2), float(i)), "label": torch.tensor([i, i, -1])} for i in range(3)]
+    seen = []
+    feats, labels = features(lambda b: b["x"] * 2, batches, lambda b: seen.append(1) or b, DistInfo())
+    assert len(seen) == 3 and feats.shape == (9, 2) and feats.dtype == torch.float32
+    assert torch.equal(feats[:, 0], torch.tensor([0.0, 0, 0, 2, 2, 2, 4, 4, 4]))
+    assert torch.equal(labels, torch.tensor([0, 0, -1, 1, 1, -1, 2, 2, -1]))
+    out = top1(lambda b: torch.nn.functional.one_hot(b["label"].clamp_min(0), 3).float(), batches, lambda b: b,
+               DistInfo(), num_classes=3)
+    assert out == {"top1": 1.0, "chance": 1 / 3, "n": 6}      # unlabelled (-1) samples count nowhere
