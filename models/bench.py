@@ -125,7 +125,10 @@ def _timm(name: str, device, channels_last: bool, res: int, overrides: dict | No
         return None, "timm is not installed"
     if peer not in timm.list_models(peer):
         return None, f"timm has no model {peer!r}"
-    model = timm.create_model(peer, **kwargs).to(device)
+    try:
+        model = timm.create_model(peer, **kwargs).to(device)
+    except TypeError as err:  # a --model-kwargs key timm's model does not take (e.g. layer_scale_init_value)
+        return None, f"timm's {peer} does not take these --model-kwargs: {err}"
     return (model.to(memory_format=torch.channels_last) if channels_last else model), ""
 
 

@@ -1,4 +1,5 @@
 """`kfe bench model NAME`: training-step images/s per provider, FLOPs and the timm row on tiny models."""
+import importlib.util
 import json
 
 import pytest
@@ -122,6 +123,10 @@ def test_timm_peer_names():
         assert bench.timm_name(name, 224) == (None, {}), name
     rec = bench.measure("dit_s_8", "timm", 2, 16, torch.device("cpu"), False, 0, 1, {"num_classes": 10})
     assert rec["skipped"] == "timm has no peer of 'dit_s_8'"
+    if importlib.util.find_spec("timm"):                   # a --model-kwargs key timm's model lacks: said, no crash
+        rec = bench.measure("convnext_tiny", "timm", 2, 32, torch.device("cpu"), False, 0, 1,
+                            {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "layer_scale_init_value": 0.0})
+        assert "does not take these --model-kwargs" in rec["skipped"]
 
 
 def test_compile_provider_wiring(monkeypatch):
