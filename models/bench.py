@@ -111,9 +111,12 @@ def timm_name(name: str, res: int) -> tuple[str | None, dict]:
     return None, {}
 
 
-def _timm(name: str, device, channels_last: bool, res: int):
-    """timm's model of the same architecture, or the reason there is none."""
+def _timm(name: str, device, channels_last: bool, res: int, overrides: dict | None = None):
+    """timm's model of the same architecture, or the reason there is none. --model-kwargs go to timm too
+    (its ConvNeXt and ViT take the same depths / dims / embed_dim / depth / num_heads names), so a
+    shrunk model is compared with the same shrunk architecture."""
     peer, kwargs = timm_name(name, res)
+    kwargs = {**kwargs, **(overrides or {})}
     if peer is None:
         return None, f"timm has no peer of {name!r}"
     try:
@@ -122,7 +125,10 @@ def _timm(name: str, device, channels_last: bool, res: int):
         return None, "timm is not installed"
     if peer not in timm.list_models(peer):
         return None, f"timm has no model {peer!r}"
-    model = timm.create_model(peer, **kwargs).to(device)
+    try:
+        model = timm.create_model(peer, **kwargs).to(device)
+    except TypeError as err:  # a --model-kwargs key timm's model does not take (e.g. layer_scale_init_value)
+        return None, f"timm's {peer} does not take these --model-kwargs: {err}"
     return (model.to(memory_format=torch.channels_last) if channels_last else model), ""
 
 
@@ -134,7 +140,7 @@ def measure(name: str, provider: str, batch: int, res: int, device: torch.device
     cl = provider.endswith("-cl")
     if provider.startswith("timm"):
         probe = build(name, res, overrides, "meta")
-        model, why = _timm(name, device, is_conv(probe), res)
+        model, why = _timm(name, device, is_conv(probe), res, overrides)
         if model is None:
             return {**rec, "skipped": why}
         cl = is_conv(probe)

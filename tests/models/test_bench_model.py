@@ -1,4 +1,5 @@
 """`kfe bench model NAME`: training-step images/s per provider, FLOPs and the timm row on tiny models."""
+import importlib.util
 import json
 
 import pytest
@@ -31,11 +32,38 @@ def test_convnext_eager_channels_last_and_timm(tmp_path, capsys):
         assert r["images_per_s"] > 0 and r["batch"] == 2 and r["resolution"] == 32 and r["precision"] == "fp32"
         assert r["tflops"] == pytest.approx(r["train_flops_per_image"] * r["images_per_s"] / 1e12)
         assert "mfu" not in r                                       # no known peak for this CPU
+    assert recs["eager"]["speedup_vs_eager"] == 1.0
     try:
-        import timm  # noqa: F401
+        import timm
     except ImportError:
         assert recs["timm"]["skipped"] == "timm is not installed"
-    assert recs["eager"]["speedup_vs_eager"] == 1.0
+        return
+    check_timm_row(recs, timm.create_model("convnextv2_atto", **json.loads(ATTO)))
+
+
+def check_timm_row(recs, peer):
+    """The timm row is a measurement of timm's model of the same (shrunk) architecture, channels-last."""
+    r, eager = recs["timm"], recs["eager"]
+    assert "skipped" not in r, r.get("skipped")
+    assert r["images_per_s"] > 0 and r["ms"]["p50"] > 0 and r["first_step_s"] > 0
+    assert (r["batch"], r["resolution"], r["precision"]) == (2, 32, "fp32")
+    assert r["params_m"] == sum(p.numel() for p in peer.parameters()) / 1e6 == eager["params_m"]
+    assert r["speedup_vs_eager"] == pytest.approx(r["images_per_s"] / eager["images_per_s"])
+    assert r["tflops"] == pytest.approx(r["train_flops_per_image"] * r["images_per_s"] / 1e12)
+
+
+def test_timm_row_check_fails_on_a_skipped_or_full_size_peer():
+    """The rows the old test let through when timm imports: a skipped timm row, and (before --model-kwargs
+    reached timm) the full-size timm atto timed against the shrunk model."""
+    timm = pytest.importorskip("timm")
+    eager = {"params_m": 0.127832, "images_per_s": 4.0}
+    row = {"images_per_s": 1.0, "ms": {"p50": 2000.0}, "first_step_s": 2.0, "batch": 2, "resolution": 32,
+           "precision": "fp32", "params_m": 3.7084, "speedup_vs_eager": 0.25, "tflops": 1.8e-6,
+           "train_flops_per_image": 1.8e6}
+    with pytest.raises(AssertionError):
+        check_timm_row({"eager": eager, "timm": {"skipped": "timm is not installed"}}, None)
+    with pytest.raises(AssertionError):
+        check_timm_row({"eager": eager, "timm": row}, timm.create_model("convnextv2_atto"))
 
 
 def test_flops_are_three_forwards():
@@ -95,6 +123,10 @@ def test_timm_peer_names():
         assert bench.timm_name(name, 224) == (None, {}), name
     rec = bench.measure("dit_s_8", "timm", 2, 16, torch.device("cpu"), False, 0, 1, {"num_classes": 10})
     assert rec["skipped"] == "timm has no peer of 'dit_s_8'"
+    if importlib.util.find_spec("timm"):                   # a --model-kwargs key timm's model lacks: said, no crash
+        rec = bench.measure("convnext_tiny", "timm", 2, 32, torch.device("cpu"), False, 0, 1,
+                            {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "layer_scale_init_value": 0.0})
+        assert "does not take these --model-kwargs" in rec["skipped"]
 
 
 def test_compile_provider_wiring(monkeypatch):

@@ -235,3 +235,102 @@ def test_vit_mae_maskfeat_take_k_bias():
     missing, unexpected = plain.load_state_dict(mae.state_dict(), strict=False)
     assert not missing and "blocks.0.attn.q_bias" not in unexpected
     torch.testing.assert_close(plain.blocks[0].attn.qkv.bias[32:64], torch.zeros(32))
+
+
+# ---- MAE's default loss (norm_pix_loss=True) and DiT's class-label dropout, against independent code
+
+def _norm_pix_loss(imgs, pred, mask, p):
+    """MAE's normalised-pixel loss written out: each p x p patch's pixels (row, column, channel order)
+    minus their mean over the unbiased std (+1e-6 in the variance); MSE on the removed patches only."""
+    B, C, H, W = imgs.shape
+    patches = imgs.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+    n = patches.shape[-1]
+    mean = patches.sum(-1, keepdim=True) / n
+    var = ((patches - mean) ** 2).sum(-1, keepdim=True) / (n - 1)
+    per_patch = ((pred - (patches - mean) / torch.sqrt(var + 1e-6)) ** 2).mean(-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def test_mae_default_loss_is_the_normalised_pixel_mse():
+    torch.manual_seed(0)
+    model = _tiny_mae().double()
+    assert model.norm_pix_loss                                # MAE's default (Table 1d; main_pretrain.py)
+    imgs = torch.rand(2, 3, 64, 64, dtype=torch.float64) * 4 + 1   # far from per-patch normalised already
+    loss, pred, mask = model(imgs)
+    want = _norm_pix_loss(imgs, pred, mask, 16)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    raw = ((pred - patchify(imgs, 16)) ** 2).mean(-1)[mask.bool()].mean()
+    assert abs(float(loss - raw)) > 0.1 * float(raw)          # the normalisation matters for these images
+
+
+def _looked_up(model, labels, train, whole=False, **kw):
+    """The rows of the label table DiT actually reads for `labels` (after any dropout), through the
+    whole model's forward or its label embedder alone."""
+    seen = []
+    hook = model.y_embedder.embedding_table.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    model.train(train)
+    if whole:
+        model(torch.zeros(len(labels), 4, 8, 8), torch.zeros(len(labels), dtype=torch.long), labels)
+    else:
+        model.y_embedder(labels, train, **kw)
+    hook.remove()
+    return seen[0]
+
+
+def _tiny_dit(p):
+    return models.create_model("dit_s_4", input_size=8, hidden_size=8, depth=1, num_heads=2, num_classes=10,
+                               class_dropout_prob=p)
+
+
+def check_label_dropout():
+    labels = torch.arange(10).repeat(400)                     # 4000 labels
+    model = _tiny_dit(0.1)
+    torch.manual_seed(3)
+    got = _looked_up(model, labels, train=True)
+    torch.manual_seed(3)                                      # DiT's draw: rand(B) < p, then the null class 10
+    want = torch.where(torch.rand(len(labels)) < 0.1, 10, labels)
+    assert torch.equal(got, want)
+    assert 0.08 < float((got == 10).float().mean()) < 0.12    # ~10 % replaced
+    assert torch.equal(got[got != 10], labels[got != 10])     # the rest untouched
+    torch.manual_seed(4)                                      # the same through DiT.forward
+    few = _looked_up(model, labels[:64], train=True, whole=True)
+    torch.manual_seed(4)
+    assert torch.equal(few, torch.where(torch.rand(64) < 0.1, 10, labels[:64])) and (few == 10).any()
+    assert torch.equal(_looked_up(model, labels[:64], train=False, whole=True), labels[:64])   # sampling: never
+    assert torch.equal(_looked_up(model, labels, train=False), labels)
+    assert torch.equal(_looked_up(_tiny_dit(1.0), labels, train=True), torch.full_like(labels, 10))
+    assert torch.equal(_looked_up(_tiny_dit(0.0), labels, train=True), labels)  # p = 0: no null class
+    assert _tiny_dit(0.0).y_embedder.embedding_table.num_embeddings == 10
+    force = torch.tensor([1, 0] * 5)                          # CFG's forced drops, in eval mode too
+    assert torch.equal(_looked_up(model, torch.arange(10), False, force_drop_ids=force),
+                       torch.where(force == 1, 10, torch.arange(10)))
+
+
+def test_dit_class_label_dropout_happens_in_training_only():
+    check_label_dropout()
+
+
+def test_label_dropout_check_fails_when_dit_drops_nothing_in_training(monkeypatch):
+    """The mutant the old spy test (tests/train/test_dit.py, labels seen before the embedder) let through."""
+    from models.dit import LabelEmbedder
+
+    def no_training_drop(self, labels, train, force_drop_ids=None):
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids == 1, self.num_classes, labels)
+        return self.embedding_table(labels)
+    monkeypatch.setattr(LabelEmbedder, "forward", no_training_drop)
+    with pytest.raises(AssertionError):
+        check_label_dropout()
+
+
+def test_dit_recipe_passes_class_dropout_to_the_model(tmp_path):
+    from train.recipes import get
+    from train.run import resolve_config
+    from train.trainer import Trainer
+
+    cfg, _ = resolve_config("dit", overrides=["--data", "shapes", "--resolution", "16", "--model", "dit_s_4",
+                                              "--model_kwargs", '{"hidden_size": 8, "depth": 1, "num_heads": 2}',
+                                              "--num_workers", "0", "--out", str(tmp_path), "--class_dropout", "0.3"])
+    t = Trainer(get("dit"), cfg)
+    t.setup(checkpoints=False)
+    assert t.module.y_embedder.dropout_prob == 0.3

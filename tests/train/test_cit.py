@@ -91,3 +91,83 @@ def test_cit_bow_captions_are_balanced_with_bow_t():
     assert bal.keep_probability("circle") < 1
     batch = {"caption": ["a small red circle"] * 64, "index": torch.arange(64)}
     assert sum("circle" in t.split() for t in captioner.texts(batch, step=0)) < 64
+
+
+# ---- paper defaults, the frozen vision tower, the projections' weight decay (built, not trained)
+
+def test_paper_defaults():
+    """CiT's official yfcc15m_in1k_mocob16 run (facebookresearch/CiT run_configs.py / configs.py; paper Sec. 4)."""
+    from train.run import resolve_config
+
+    cfg, preset = resolve_config("cit", overrides=["--data", "/data/pool"])
+    assert preset == "paper"
+    assert (cfg.batch_size, cfg.steps, cfg.warmup_steps) == (16384, 5000, 200)    # 1024 x 16 GPUs; 5000 / 25
+    assert (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.head_weight_decay) == (5e-4, 1e-5, 0.2, 1.0)
+    assert tuple(cfg.betas) == (0.9, 0.999)
+    assert (cfg.curate_every, cfg.threshold, cfg.min_ratio) == (100, 0.55, 0.003)
+    assert list(cfg.metadata_templates) == ["{}"] and cfg.curate_space == "text" and cfg.loss == "image_to_text"
+    assert cfg.freeze_image is None and cfg.init_image == ""   # frozen as soon as --init_image gives a tower
+
+
+def _task(tmp_path, *extra, preset="auto"):
+    from tests.train.clip_util import TINY
+    from train.dist import DistInfo
+    from train.recipes.cit import RECIPE
+    from train.run import resolve_config
+
+    cfg, _ = resolve_config("cit", overrides=["--data", "shapes", *TINY, "--out", str(tmp_path / "run"), *extra],
+                            preset=preset)
+    return cfg, RECIPE.build_task(cfg, RECIPE.build_data(cfg, DistInfo()), DistInfo())
+
+
+@pytest.fixture(scope="module")
+def image_tower(tmp_path_factory):
+    """A checkpoint holding a (random) vision tower of the tiny model, as a clip run would leave one."""
+    tmp = tmp_path_factory.mktemp("tower")
+    _, task = _task(tmp)
+    path = str(tmp / "tower.pt")
+    ckpt_mod.atomic_save({"format": ckpt_mod.FORMAT_VERSION, "model": task.model.state_dict()}, path)
+    return path, task.model.state_dict()
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_vision_tower_is_frozen_by_default_when_a_pretrained_one_is_given(tmp_path, image_tower):
+    path, sd = image_tower
+    cfg, task = _task(tmp_path, "--init_image", path, preset="paper")
+    trainable = _trainable(task.model)
+    assert not any(n.startswith("visual.") for n in trainable)                   # the paper's frozen tower
+    assert {"image_projection", "text_projection", "token_embedding.weight"} <= trainable   # head-all trains
+    assert all(torch.equal(task.model.state_dict()[k], v) for k, v in sd.items() if k.startswith("visual."))
+    groups = task.param_groups(task.model)
+    assert sum(len(g["params"]) for g in groups) == len(trainable)               # nothing frozen is optimised
+    _, task = _task(tmp_path, "--init_image", path, "--freeze_image", "false", preset="paper")
+    assert "visual.blocks.0.attn.qkv.weight" in _trainable(task.model)           # the override
+
+
+def test_vision_tower_trains_without_init_image_and_in_the_shapes_preset(tmp_path, image_tower):
+    path, _ = image_tower
+    _, task = _task(tmp_path, preset="paper")                               # random tower: trains
+    assert "visual.blocks.0.attn.qkv.weight" in _trainable(task.model)
+    cfg, task = _task(tmp_path, "--init_image", path)                            # shapes preset (auto)
+    assert cfg.freeze_image is False and "visual.patch_embed.proj.weight" in _trainable(task.model)
+    _, task = _task(tmp_path, "--freeze_image", preset="paper")            # bare flag: frozen
+    assert not any(n.startswith("visual.") for n in _trainable(task.model))
+
+
+def test_weight_decay_groups_put_the_projections_at_head_weight_decay(tmp_path):
+    """CiT's optimizer (official main.py): weight decay 0.2, 1.0 on image_projection / text_projection,
+    none on 1-D parameters and biases (norms, the temperature, positional biases)."""
+    _, task = _task(tmp_path, "--weight_decay", "0.2", "--head_weight_decay", "1.0", preset="paper")
+    names = {id(p): n for n, p in task.model.named_parameters()}
+    decay, no_decay, head = task.param_groups(task.model)
+    assert (decay["weight_decay"], no_decay["weight_decay"], head["weight_decay"]) == (0.2, 0.0, 1.0)
+    assert {names[id(p)] for p in head["params"]} == {"image_projection", "text_projection"}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "contrastive.logit_scale" in nd and "ln_final.weight" in nd and "visual.blocks.0.attn.qkv.bias" in nd
+    d = {names[id(p)] for p in decay["params"]}
+    assert "visual.blocks.0.attn.qkv.weight" in d and "token_embedding.weight" in d
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert len(d) + len(nd) + 2 == len(_trainable(task.model))

@@ -202,3 +202,23 @@ def test_gpu_bf16_real_size_loss_falls(tmp_path, recipe):
     recs = metrics(cfg.out)
     assert falls([r["loss"] for r in recs], 0.8) and recs[-1]["tflops"] > 0 and recs[-1]["mem_gb"] > 0
     assert cfg.precision == "auto" and summary["eval"]["n"] == 1000
+
+
+# ---- clip's paper defaults: SLIP's CLIP baseline (the comparison SLIP makes), through the built trainer
+
+def test_paper_defaults_are_slips_clip_baseline(tmp_path):
+    """SLIP's README "CLIP ViT-Base with 8-nodes (batch size 4096)": lr 5e-4, weight decay 0.5; main.py:
+    25 epochs, 1 warmup epoch, AdamW betas (0.9, 0.98), cosine to 1e-5; CLIP view crop scale (0.5, 1)."""
+    from tests.train.clip_util import TINY
+    from tests.train.util import built_trainer, group_names
+
+    cfg, preset = resolve_config("clip", overrides=["--data", "/data/yfcc15m"])
+    assert preset == "paper" and cfg.model == "clip_vit_base_patch16" and cfg.batch_size == 4096
+    assert cfg.blr * cfg.batch_size / 256 == pytest.approx(5e-4) and cfg.weight_decay == 0.5
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.min_lr, tuple(cfg.betas)) == (25.0, 1.0, 1e-5, (0.9, 0.98))
+    assert cfg.crop_min_scale == 0.5 and cfg.context_length == 77
+    t = built_trainer("clip", tmp_path, "--data", "shapes", *TINY, "--batch_size", "32", preset="paper")
+    assert t.lr == pytest.approx(3.125e-5 * 32 / 256) and t.optimizer.defaults["betas"] == (0.9, 0.98)
+    (wd, decay), (no_wd, no_decay) = group_names(t)
+    assert (wd, no_wd) == (0.5, 0.0) and "contrastive.logit_scale" in no_decay   # not on the temperature
+    assert {"image_projection", "text_projection", "visual.blocks.0.attn.qkv.weight"} <= decay

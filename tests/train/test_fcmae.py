@@ -3,6 +3,8 @@ the official checkpoint layout, exact resume through the shared trainer, evaluat
 training random stream alone, bad configs rejected before any model is built."""
 import shutil
 
+import pytest
+
 import torch
 
 import models
@@ -80,3 +82,61 @@ def test_bad_config_fails_before_any_model_is_built(monkeypatch, capsys, tmp_pat
     assert kfe_main(["train", "fcmae", *TINY, "--out", str(tmp_path / "b"), "--data", "/nonexistent/x"]) == 2
     assert "/nonexistent/x" in capsys.readouterr().err
     assert built == []
+
+
+# ---- paper defaults and what the config reaches (built, not trained)
+
+def test_paper_defaults():
+    """ConvNeXt V2 Appendix A.1, Table 11 (ImageNet-1K FCMAE pre-training), as main_pretrain.py runs it."""
+    cfg, preset = resolve_config("fcmae", overrides=["--data", "/data/imagenet"])
+    assert preset == "paper" and cfg.model == "fcmae_convnextv2_base"
+    assert (cfg.blr, cfg.weight_decay, tuple(cfg.betas), cfg.batch_size) == (1.5e-4, 0.05, (0.9, 0.95), 4096)
+    assert (cfg.warmup_epochs, cfg.epochs, cfg.min_lr) == (40.0, 1600.0, 0.0)   # TRAINING.md: 1600 epochs
+    assert (cfg.mask_ratio, cfg.norm_pix_loss, cfg.decoder_embed_dim, cfg.decoder_depth) == (0.6, True, 512, 1)
+    assert cfg.crop_min_scale == 0.2 and cfg.resolution == 224 and cfg.drop_path == 0.0 and cfg.augment == "auto"
+    assert not cfg.ema and cfg.clip_grad == 0.0
+
+
+def test_optimizer_and_schedule_follow_the_config(tmp_path):
+    from tests.train.util import built_trainer, group_names
+
+    t = built_trainer("fcmae", tmp_path, *TINY, "--blr", "1e-3", "--batch_size", "32", "--steps", "20",
+                      "--warmup_steps", "4", "--min_lr", "1e-5", "--weight_decay", "0.07", preset="paper")
+    assert t.lr == pytest.approx(1e-3 * 32 / 256)                             # lr = blr * batch / 256
+    assert (t.total_steps, t.warmup) == (20, 4) and t.optimizer.defaults["betas"] == (0.9, 0.95)
+    (wd, decay), (no_wd, no_decay) = group_names(t)
+    assert (wd, no_wd) == (0.07, 0.0)
+    assert any(n.endswith("pwconv1.weight") for n in decay)
+    assert any(n.endswith("grn.gamma") for n in no_decay) and any(n.endswith(".bias") for n in no_decay)
+    assert not any(n.endswith(("grn.gamma", "grn.beta", ".bias")) for n in decay)   # the documented difference
+
+
+def test_config_reaches_the_model(tmp_path):
+    from tests.train.util import built_trainer
+
+    t = built_trainer("fcmae", tmp_path, *TINY, "--mask_ratio", "0.5", "--norm_pix_loss", "false",
+                      "--decoder_depth", "2", "--drop_path", "0.1")
+    m = t.module
+    assert m.mask_ratio == 0.5 and m.norm_pix_loss is False and len(m.decoder) == 2
+    rates = [mod.p for mod in m.encoder.modules() if type(mod).__name__ == "SparseDropPath"]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)                 # linear in depth up to drop_path
+
+
+def test_task_loss_is_the_models_masked_loss(tmp_path):
+    from tests.train.util import built_trainer
+
+    t = built_trainer("fcmae", tmp_path, *TINY)
+    batch = t.prepare(next(iter(t.loader)))
+    torch.manual_seed(5)
+    loss, extra = t.task.loss(t.module, batch, 0)
+    torch.manual_seed(5)
+    want, pred, mask = t.module(batch["image"])
+    assert extra == {} and torch.equal(loss, want) and 0 < float(loss)
+    assert mask.float().mean() == pytest.approx(0.75)                         # 3 of 4 patches: L - int(L * 0.4)
+
+
+def test_shapes_preset_is_the_documented_cpu_run():
+    cfg, preset = resolve_config("fcmae", overrides=["--data", "shapes"])
+    assert preset == "shapes" and cfg.resolution == 96 and cfg.model == "fcmae_convnextv2_atto"
+    assert (cfg.batch_size, cfg.steps, cfg.blr, cfg.decoder_embed_dim) == (64, 800, 6e-3, 128)
+    assert cfg.mask_ratio == 0.6 and cfg.norm_pix_loss and cfg.init_baseline   # the paper's masking and loss

@@ -101,3 +101,35 @@ def test_config_errors(tmp_path):
         _train(tmp_path / "a", "--model_kwargs", '{"img_size": 64}')
     with pytest.raises(ConfigError, match="mask_ratio"):
         _train(tmp_path / "b", "--mask_ratio", "1.0")
+
+
+# ---- what the config reaches (built, not trained)
+
+def test_paper_defaults_reach_the_optimizer_and_the_model(tmp_path):
+    """MAE Table 8 through the trainer: lr = 1.5e-4 * batch / 256, betas (0.9, 0.95), weight decay 0.05 off
+    norms and biases (and off the frozen sin-cos positions) but on cls_token / mask_token, as
+    main_pretrain.py's add_weight_decay (only 1-D parameters and biases exempt); the model regresses
+    normalised pixels of 75 % removed patches."""
+    from tests.train.util import built_trainer, group_names
+
+    t = built_trainer("mae", tmp_path, "--data", "shapes", *TINY, "--batch_size", "32", preset="paper")
+    assert t.lr == pytest.approx(1.5e-4 * 32 / 256) and t.optimizer.defaults["betas"] == (0.9, 0.95)
+    (wd, decay), (no_wd, no_decay) = group_names(t)
+    assert (wd, no_wd) == (0.05, 0.0)
+    assert {"blocks.0.attn.qkv.weight", "decoder_pred.weight", "cls_token", "mask_token"} <= decay
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "decoder_norm.bias"} <= no_decay
+    assert "pos_embed" not in decay | no_decay and "decoder_pos_embed" not in decay | no_decay   # frozen
+    assert t.module.norm_pix_loss and t.module.mask_ratio == 0.75 and t.cfg.min_lr == 0.0
+
+
+def test_task_loss_is_the_models_loss_on_the_batch(tmp_path):
+    from tests.train.util import built_trainer
+
+    t = built_trainer("mae", tmp_path, "--data", "shapes", *TINY, "--mask_ratio", "0.5", "--norm_pix_loss", "false")
+    assert t.module.mask_ratio == 0.5 and not t.module.norm_pix_loss
+    batch = t.prepare(next(iter(t.loader)))
+    torch.manual_seed(2)
+    loss, _ = t.task.loss(t.module, batch, 0)
+    torch.manual_seed(2)
+    want, _, mask = t.module(batch["image"])
+    assert torch.equal(loss, want) and mask.mean() == 0.5

@@ -156,3 +156,18 @@ def test_gpu_vit_b_bf16_compiled_training(tmp_path, frames):
     losses = [r["loss"] for r in recs]
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
     assert recs[-1]["tflops"] > 0 and summary["eval"]["val_loss"] < 0.2
+
+
+def test_paper_defaults():
+    """MaskFeat's IN-1K ViT-B pre-training (paper appendix; facebookresearch/SlowFast configs/masked_ssl/
+    in1k_VIT_B_MaskFeat_PT.yaml: BASE_LR 2e-4 per 256, WEIGHT_DECAY 0.05 with ZERO_WD_1D_PARAM, AdamW
+    betas (MOMENTUM 0.9, 0.999), WARMUP_EPOCHS 30, COSINE_END_LR 1e-6, CLIP_GRAD_L2NORM 0.02, MASK_RATIO
+    0.4, TRAIN_JITTER_SCALES_RELATIVE [0.5, 1], DROPPATH_RATE 0; 1600 epochs for the paper's ViT-B)."""
+    from train.run import resolve_config
+
+    cfg, preset = resolve_config("maskfeat", overrides=["--data", "/data/imagenet"])
+    assert preset == "paper" and cfg.model == "maskfeat_vit_base" and cfg.num_frames == 1
+    assert (cfg.blr, cfg.batch_size, cfg.weight_decay, tuple(cfg.betas)) == (2e-4, 2048, 0.05, (0.9, 0.999))
+    assert cfg.blr * cfg.batch_size / 256 == pytest.approx(1.6e-3)
+    assert (cfg.warmup_epochs, cfg.epochs, cfg.min_lr, cfg.clip_grad) == (30.0, 1600.0, 1e-6, 0.02)
+    assert (cfg.mask_ratio, cfg.crop_min_scale, cfg.drop_path, cfg.resolution) == (0.4, 0.5, 0.0, 224)

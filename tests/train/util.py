@@ -66,3 +66,27 @@ def write_shards(directory: str, shards: int, per_shard: int, corrupt=(), no_cap
                 if (s, k) not in corrupt and (s, k) not in no_caption:
                     good.append(key)
     return good
+
+
+def built_trainer(recipe: str, out, *overrides: str, preset: str = "auto"):
+    """A Trainer set up for `recipe` (data, model, optimizer, schedule built; no checkpoints, no step)."""
+    import torch
+
+    from train.recipes import get
+    from train.run import resolve_config
+    from train.trainer import Trainer
+
+    cfg, _ = resolve_config(recipe, overrides=[*overrides, "--out", str(out)], preset=preset)
+    threads = torch.get_num_threads()
+    try:
+        t = Trainer(get(recipe), cfg)
+        t.setup(checkpoints=False)
+    finally:
+        torch.set_num_threads(threads)
+    return t
+
+
+def group_names(trainer) -> list[tuple[float, set[str]]]:
+    """The optimizer's groups as (weight decay, parameter names)."""
+    names = {id(p): n for n, p in trainer.module.named_parameters()}
+    return [(g["weight_decay"], {names[id(p)] for p in g["params"]}) for g in trainer.optimizer.param_groups]

@@ -65,12 +65,13 @@ def _random_resized_crop(w: int, h: int, rng: np.random.Generator, scale: tuple[
 
 
 def _center(img: Image.Image, res: int, crop_pct: float) -> Image.Image:
-    """Resize the shorter side to res / crop_pct, then crop the centre res x res (the eval transform)."""
+    """Resize the shorter side to res / crop_pct, then crop the centre res x res (the eval transform).
+    Sizes truncate as ConvNeXt's `int(input_size / crop_pct)` and torchvision's Resize(int) do."""
     w, h = img.size
-    short = int(round(res / crop_pct))
+    short = int(res / crop_pct)
     if (w, h) != (res, res):
-        s = short / min(w, h)
-        img = img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BICUBIC)
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((max(res, nw), max(res, nh)), Image.BICUBIC)
         w, h = img.size
     left, top = (w - res) // 2, (h - res) // 2
     return img.crop((left, top, left + res, top + res))

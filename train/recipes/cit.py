@@ -15,9 +15,13 @@ Defaults are the official yfcc15m_in1k_mocob16 run (facebookresearch/CiT run_con
 main.py): 5000 steps of 16384 pairs (1024 x 16 GPUs), AdamW lr 5e-4 (betas 0.9/0.999, eps 1e-8),
 weight decay 0.2 and 1.0 on the two projections, warmup 200 steps (5000 / 25), cosine to 1e-5,
 curate every 100 steps, threshold 0.55, min_ratio 0.003, no templates. The paper trains the text
-tower against a frozen pre-trained image tower: `--init_image RUN --freeze_image` (RUN: a clip /
-slip / cit run or checkpoint whose `visual.*` weights are loaded). Differences: the pool batch is the
-training batch (official: 2x), and the buffer keeps the overflow instead of dropping it.
+tower against a frozen pre-trained image tower (official `trainable_weight="head-all"`: the vision
+backbone frozen, its projection head and the whole text side trained), and so does this recipe by
+default whenever `--init_image RUN` gives one (RUN: a clip / slip / cit run or checkpoint whose
+`visual.*` weights are loaded): `visual.*` frozen, `image_projection` still trained. Without
+--init_image the tower starts random and trains (the `shapes` preset); `--freeze_image false|true`
+overrides either way. Differences: the pool batch is the training batch (official: 2x), and the buffer
+keeps the overflow instead of dropping it.
 
 Each process curates its own share of the pool. The buffer is saved in checkpoints (sample indices
 for map-style pools, re-read on resume; the samples themselves for WebDataset streams), so a resumed
@@ -63,15 +67,22 @@ class CitConfig(ClipConfig):
     curate_space: Literal["text", "joint"] = opt("text", "text: pooled text features before the projection "
                                                  "(official); joint: the projected embedding")
     loss: Literal["image_to_text", "symmetric"] = opt("image_to_text", "CiT's image->text loss, or CLIP's")
-    freeze_image: bool = opt(False, "freeze the vision tower (visual.*; the paper's setting, with init_image)")
+    freeze_image: bool | None = opt(None, "freeze the vision tower (visual.*; image_projection still trains); "
+                                          "default: frozen when --init_image gives a pretrained one (CiT)")
     init_image: str = opt("", "run dir or checkpoint whose visual.* weights initialise the vision tower")
 
 
 # shapes: the CLIP preset; the pool is the shapes training split, the metadata its class names: the preset
 # labels shapes by colour, so the 8 colour names.
 # 20-step rounds; min_ratio 0.25 keeps rounds short while the random text encoder scores poorly.
+# The vision tower starts random here, so it trains (freeze_image false even with --init_image).
 PRESETS = {"shapes": {**SHAPES, "steps": 400, "curate_every": 20, "min_ratio": 0.25, "lr": 0.0,
-                      "warmup_steps": 30, "eval_every": 100, "ckpt_every": 100}}
+                      "warmup_steps": 30, "eval_every": 100, "ckpt_every": 100, "freeze_image": False}}
+
+
+def freezes_image(cfg: CitConfig) -> bool:
+    """Whether the vision tower is frozen: as set, else CiT's setting (frozen iff a pretrained one is given)."""
+    return bool(cfg.init_image) if cfg.freeze_image is None else cfg.freeze_image
 
 
 def _read_metadata(path: str) -> list[str]:
@@ -240,11 +251,12 @@ def build_task(cfg: CitConfig, data: ImageTextData, info: DistInfo) -> Task:
     model = build_model(cfg, data.tokenizer)
     if cfg.init_image:
         _load_image_tower(model, cfg.init_image)
-    if cfg.freeze_image:
+    frozen = freezes_image(cfg)
+    if frozen:
         model.visual.requires_grad_(False)
     meta = build_model(cfg, data.tokenizer, "meta")
     macs = forward_macs(cfg, meta)
-    if cfg.freeze_image:  # no backward through a frozen vision tower: 2 instead of 6 FLOPs per MAC there
+    if frozen:  # no backward through a frozen vision tower: 2 instead of 6 FLOPs per MAC there
         import models
 
         macs -= 2 / 3 * models.count_flops(meta.visual, (1, 3, cfg.resolution, cfg.resolution))

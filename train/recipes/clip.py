@@ -10,6 +10,12 @@ under torchrun the features are all-gathered and each process scores its own row
 equals single-process training on the global batch. Not reproduced: SLIP's warmup starts at 1e-6
 (here at lr / warmup_steps) and its BPE tokenizer (see train/data/tokenizer.py).
 
+These defaults are SLIP's CLIP baseline on purpose (batch 4096, weight decay 0.5, 25 epochs): the
+setting SLIP compares against, so `kfe train clip` and `kfe train slip` differ only in the SimCLR term
+and the lr / weight decay SLIP tuned per method. They are not OpenAI CLIP's own schedule (Radford et
+al., Table 19: batch 32768, weight decay 0.2, 32 epochs), which MetaCLIP follows; that setting belongs
+in its own preset (the MetaCLIP issue).
+
 `--captions bow` trains on bag-of-words captions (A Fistful of Words, arXiv 2112.13884; train/curation/
 bow.py), `--bow_t` balances word frequencies; `kfe pseudo-bow RUN --data DIR` captions unlabelled
 images with a trained model's top-k words, and `--captions_file` trains on them.
