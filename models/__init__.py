@@ -5,7 +5,7 @@
     models.list_models("convnext*")
     models.count_flops(net, (1, 3, 224, 224))   # multiply-accumulates
 """
-from models import clip, convnext, convnextv2, dit, fcmae, mae, maskfeat, vit  # noqa: F401  (register the variants)
+from models import clip, convnext, convnextv2, dit, fcmae, mae, maskfeat, openai_clip, vit  # noqa: F401  (register the variants)
 from models.flops import count_flops
 from models.registry import create_model, list_models, register_model
 
