@@ -99,3 +99,53 @@ def test_bad_image_size_is_a_clear_error():
         model.encode_image(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         models.create_model("metaclip_vit_b32", image_size=40)
+
+
+TINY = dict(embed_dim=16, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_head_width=16,
+            context_length=77, vocab_size=49408, transformer_width=32, transformer_heads=2, transformer_layers=2)
+
+
+def _tiny_open_clip():
+    from open_clip.model import CLIP
+
+    return CLIP(embed_dim=16, quick_gelu=True,
+                vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16),
+                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+
+
+@pytest.mark.parametrize("fmt", ["open_clip", "plain.pt", "bin", "safetensors", "module"])
+def test_load_pretrained_formats_and_tiny_parity(tmp_path, fmt):
+    torch.manual_seed(0)
+    theirs = _tiny_open_clip().eval()
+    sd = theirs.state_dict()
+    path = str(tmp_path / ("w.safetensors" if fmt == "safetensors" else "w.bin" if fmt == "bin" else "w.pt"))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    elif fmt == "open_clip":  # open_clip / MetaCLIP training checkpoints: {"epoch", "state_dict": module.*}
+        torch.save({"epoch": 32, "name": "b32", "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    elif fmt == "module":
+        torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    else:
+        torch.save(sd, path)
+    ours = models.load_pretrained(models.create_model("metaclip_vit_b32", **TINY), path).eval()
+    image, text = torch.randn(3, 3, 32, 32), _texts()
+    with torch.no_grad():
+        assert _rel(ours.encode_image(image), theirs.encode_image(image)) <= 1e-5
+        assert _rel(ours.encode_text(text), theirs.encode_text(text)) <= 1e-5
+
+
+def test_load_pretrained_is_strict_and_errors_are_clear(tmp_path):
+    sd = _tiny_open_clip().state_dict()
+    del sd["visual.proj"]
+    path = str(tmp_path / "w.pt")
+    torch.save(sd, path)
+    model = models.create_model("metaclip_vit_b32", **TINY)
+    with pytest.raises(ValueError, match="visual.proj"):
+        models.load_pretrained(model, path)
+    with pytest.raises(FileNotFoundError):
+        models.load_pretrained(model, str(tmp_path / "missing.pt"))
+    torch.save({"fn": print}, path)  # pickled code: refused by weights_only loading
+    with pytest.raises(ValueError, match="weights-only"):
+        models.load_pretrained(model, path)
