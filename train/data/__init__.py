@@ -3,6 +3,8 @@
     spec = "shapes"                          generated locally (train.data.shapes)
     spec = "/data/imagenet"                  ImageFolder; uses <dir>/train and <dir>/val when present
     spec = "/data/cc3m/{00000..00331}.tar"   WebDataset shards (image + caption), streamed
+    spec = "/data/curated"                   `kfe curate metaclip` output: its kept pairs, streamed from
+                                             the pool's shards (train.data.curated)
 
 `check(spec)` validates a spec (paths exist) before anything expensive is built; `open_split` returns
 a dataset for one split plus what the recipe needs to know about it (classes, size).
@@ -46,7 +48,9 @@ def kind_of(spec: str) -> str:
         return "shapes"
     if ".tar" in spec:
         return "webdataset"
-    return "folder"
+    from train.data.curated import is_curated
+
+    return "curated" if is_curated(spec) else "folder"
 
 
 def check(spec: str, what: str = "data") -> str:
@@ -100,6 +104,11 @@ def open_split(spec: str, split: str, *, resolution: int, fields: tuple[str, ...
         return Split(Transformed(base, transform, seed), kind, len(base), base.class_names)
     if split != "train":
         return None  # held-out shards are given as their own spec (val_data)
+    if kind == "curated":  # a stream of the kept pairs; one epoch = one pass over them
+        from train.data.curated import open_curated
+
+        stream = open_curated(spec, fields, transform, rank, world, seed)
+        return Split(stream, "webdataset", stream.size, None)
     stream = WebDatasetStream(check_shards(spec), fields, transform, rank, world, seed, loop=True)
     return Split(stream, kind, None, None)
 
@@ -115,6 +124,8 @@ def open_eval(spec: str, *, resolution: int, fields: tuple[str, ...], seed: int,
         stream = WebDatasetStream(check_shards(spec), fields, make_transform(resolution, "none"), rank, world,
                                   seed, loop=False)
         return Split(stream, "webdataset", None, None)
+    if kind_of(spec) == "curated":
+        return None  # training pairs only: give --val_data for a held-out split
     if whole and kind_of(spec) == "folder":
         split = "all"
     return open_split(spec, split, resolution=resolution, fields=fields, augment="none", seed=seed, rank=rank,
