@@ -126,3 +126,18 @@ def test_train_never_imports_open_clip(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, *args], env=env(), cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), (res.stdout[-2000:], res.stderr[-3000:])
+
+
+@pytest.mark.parametrize("size,lr", [("b32", 5e-4), ("b16", 5e-4), ("l14", 4e-4), ("h14", 4e-4), ("bigg14", 4e-4)])
+def test_metaclip_presets_are_the_papers_and_picked_from_the_model(size, lr):
+    """MetaCLIP run_configs_400m.py / run_configs_2_5B.py + CLIP's hyperparameter tables (see clip.py)."""
+    from train.run import resolve_config
+
+    cfg, preset = resolve_config("clip", overrides=["--model", f"metaclip_vit_{size}", "--data", "x/{0..9}.tar"])
+    assert preset == f"metaclip_vit_{size}"
+    assert (cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.epochs, cfg.samples_per_epoch) == \
+        (32768, lr, 2000, 0.2, 32.0, 400_000_000)
+    assert (tuple(cfg.betas), cfg.min_lr, cfg.resolution, cfg.crop_min_scale, cfg.tokenizer, cfg.context_length) == \
+        ((0.9, 0.98), 0.0, 224, 0.9, "clip", 77)
+    paper, preset = resolve_config("clip", "", "paper", ["--model", f"metaclip_vit_{size}"])
+    assert preset == "paper" and (paper.batch_size, paper.weight_decay, paper.epochs) == (4096, 0.5, 25.0)  # SLIP's
