@@ -17,6 +17,7 @@ from train import zeroshot
 from train.data import DataError
 from train.data.clip_bpe import ClipBPETokenizer
 from train.dist import DistInfo
+from train.eval import prompts, zero_shot_weights
 from train.recipes.image_text import default_templates
 
 EVAL = ["--device", "cpu", "--num_workers", "0"]
@@ -59,6 +60,11 @@ def test_templates_are_averaged_in_embedding_space():
         cls = torch.stack([F.normalize(F.normalize(model.encode_text(tok([t.replace("{}", n) for t in templates], 77)),
                                                    dim=-1).mean(0), dim=0) for n in names])
         logits = F.normalize(model.encode_image(images), dim=-1) @ cls.T
+        # the class embeddings evaluate() scores with: the same tensor
+        weights = zero_shot_weights(lambda t: model.encode_text(tok(t, 77)), prompts(names, templates))
+        assert float((weights - cls).norm() / cls.norm()) <= 1e-6
+        raw = model.encode_text(tok(names, 77)).norm(dim=-1)
+        assert raw.max() > 1.05 * raw.min()  # prompt norms differ: normalising before the mean matters
     top1 = (logits.argmax(-1) == labels).double().mean().item()
     top5 = (logits.topk(5, -1).indices == labels[:, None]).any(-1).double().mean().item()
     assert (out["top1"], out["top5"], out["n"], out["classes"], out["templates"]) == (top1, top5, 12, 6, 3)
