@@ -149,3 +149,13 @@ def test_load_pretrained_is_strict_and_errors_are_clear(tmp_path):
     torch.save({"fn": print}, path)  # pickled code: refused by weights_only loading
     with pytest.raises(ValueError, match="weights-only"):
         models.load_pretrained(model, path)
+
+
+def test_both_towers_run_on_kfe_attention():
+    model = models.create_model("metaclip_vit_b32", **TINY)
+    with torch.profiler.profile() as prof:
+        model.encode_image(torch.randn(1, 3, 32, 32))
+    assert sum(e.name == "kfe::attention" for e in prof.events()) == 2  # the vision tower's 2 blocks
+    with torch.profiler.profile() as prof:
+        model.encode_text(_texts())
+    assert sum(e.name == "kfe::attention" for e in prof.events()) == 2  # the text tower's 2 blocks (causal)

@@ -141,3 +141,26 @@ def test_metaclip_presets_are_the_papers_and_picked_from_the_model(size, lr):
         ((0.9, 0.98), 0.0, 224, 0.9, "clip", 77)
     paper, preset = resolve_config("clip", "", "paper", ["--model", f"metaclip_vit_{size}"])
     assert preset == "paper" and (paper.batch_size, paper.weight_decay, paper.epochs) == (4096, 0.5, 25.0)  # SLIP's
+
+
+def test_pretrained_loads_released_weights_into_the_recipe_model(tmp_path):
+    open_clip = pytest.importorskip("open_clip")  # noqa: F841
+    from open_clip.model import CLIP
+
+    from train.config import ConfigError
+    from train.data.clip_bpe import ClipBPETokenizer
+    from train.recipes.image_text import build_model
+    from train.run import resolve_config
+
+    theirs = CLIP(embed_dim=16, quick_gelu=True, vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=1,
+                                                                 head_width=16),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "w.pt")
+    over = ["--model", "metaclip_vit_b32", "--model_kwargs", json.dumps(TINY), "--resolution", "32",
+            "--data", "x/{0..1}.tar", "--pretrained", str(tmp_path / "w.pt")]
+    cfg, _ = resolve_config("clip", overrides=over)
+    model = build_model(cfg, ClipBPETokenizer())
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in model.state_dict().items())
+    cfg.pretrained = str(tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match="--pretrained"):
+        build_model(cfg, ClipBPETokenizer())

@@ -105,3 +105,18 @@ def test_metaclip_run_zero_shot_on_a_tiny_image_folder(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     line = res.stdout.strip().splitlines()[-1]
     assert "zero-shot top-1" in line and "top-5" in line and "14 images, 7 classes x 80 templates" in line, line
+
+
+def test_zero_shot_on_labelled_webdataset_shards_with_json_class_names(tmp_path):
+    from tests.train.util import write_shards
+
+    run("clip", tmp_path / "r", "--steps", "2", "--shapes.label", "color")
+    write_shards(str(tmp_path / "shards"), 2, 6, label=True)  # .cls labels 0..2
+    spec = tmp_path / "wds.json"
+    spec.write_text(json.dumps({"data": str(tmp_path / "shards" / "{00000..00001}.tar"),
+                                "classnames": ["red", "green", "blue"], "templates": ["a {} shape"]}))
+    got = zeroshot.evaluate_checkpoint(str(tmp_path / "r"), str(spec), overrides=EVAL)
+    assert (got["n"], got["classes"], got["templates"]) == (12, 3, 1) and "top5" not in got  # top-5 needs 5 classes
+    spec.write_text(json.dumps({"data": str(tmp_path / "shards" / "{00000..00001}.tar")}))
+    with pytest.raises(DataError, match="class names"):
+        zeroshot.evaluate_checkpoint(str(tmp_path / "r"), str(spec), overrides=EVAL)
