@@ -11,6 +11,8 @@ DIR_OR_JSON is one of:
   ImageNet layout (WordNet ids n01440764 ...), which gets OpenAI's ImageNet class names;
 - a JSON file {"data": DIR_OR_SHARDS (optional), "classnames": [...] (optional), "templates": [...]
   (optional)}: without "data" the run's own held-out split (e.g. shapes val) is classified.
+Images: resized and centre-cropped to the run's resolution (OpenAI-layout models: shorter side to the crop
+size, bicubic, as CLIP's eval transform; others: to resolution / 0.875) and normalised as in training.
 Templates default to OpenAI's 80 ImageNet templates; they and the 1000 class names ship with KFE
 (train/data/zeroshot_imagenet.json, from openai/CLIP's Prompt_Engineering_for_ImageNet notebook).
 """
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from train import dist as dist_mod
 from train.data import DataError, eval_batches, kind_of, open_eval
 from train.eval import percent, prompts, zero_shot_weights
+from train.recipes.image_text import eval_crop_pct
 
 WNID = re.compile(r"n\d{8}")
 
@@ -114,7 +117,8 @@ def evaluate_checkpoint(path: str, arg: str, ema: bool = False, overrides: list[
         raise ValueError(f"recipe {recipe.name} has no text tower: zero-shot needs a clip / slip / cit run")
     if spec["data"]:
         split = open_eval(spec["data"], resolution=cfg.resolution, fields=("image", "label"), seed=cfg.seed,
-                          rank=info.rank, world=info.world, shapes=cfg.shapes, whole=True)
+                          rank=info.rank, world=info.world, shapes=cfg.shapes, whole=True,
+                          crop_pct=eval_crop_pct(cfg))
         if split is None:
             raise DataError(f"--zeroshot data {spec['data']!r} has no labelled images")
         names = spec["classnames"] or class_names(split.class_names)

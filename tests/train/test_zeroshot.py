@@ -120,3 +120,19 @@ def test_zero_shot_on_labelled_webdataset_shards_with_json_class_names(tmp_path)
     spec.write_text(json.dumps({"data": str(tmp_path / "shards" / "{00000..00001}.tar")}))
     with pytest.raises(DataError, match="class names"):
         zeroshot.evaluate_checkpoint(str(tmp_path / "r"), str(spec), overrides=EVAL)
+
+
+@pytest.mark.parametrize("hw", [(48, 70), (70, 48), (33, 97), (31, 45), (32, 32)])
+def test_metaclip_eval_images_equal_open_clips_preprocessing(hw):
+    """Resize (bicubic, shorter side to the crop) + centre crop + CLIP's mean / std: open_clip's
+    image_transform(is_train=False), pixel for pixel (torchvision's sizes and crop offsets)."""
+    open_clip = pytest.importorskip("open_clip")
+    from train.data.transforms import make_transform, normalize
+    from train.recipes.image_text import CLIP_MEAN, CLIP_STD, eval_crop_pct
+
+    class Cfg:
+        model = "metaclip_vit_b32"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*hw, 3), dtype=np.uint8))
+    ours = make_transform(32, "none", crop_pct=eval_crop_pct(Cfg))(img, np.random.default_rng(0))
+    ours = normalize(ours[None], torch.device("cpu"), False, CLIP_MEAN, CLIP_STD)[0]
+    torch.testing.assert_close(ours, open_clip.image_transform(32, is_train=False)(img), rtol=0, atol=1e-6)

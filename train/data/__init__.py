@@ -79,12 +79,12 @@ def _folder_split(spec: str, split: str) -> str | None:
 
 def open_split(spec: str, split: str, *, resolution: int, fields: tuple[str, ...], augment: str,
                seed: int, rank: int = 0, world: int = 1, shapes: ShapesOptions | None = None,
-               crop_min_scale: float = 0.08) -> Split | None:
+               crop_min_scale: float = 0.08, crop_pct: float = 0.875) -> Split | None:
     """The `split` ("train" | "val" | "all" for a folder) of a data spec, transformed; None when the spec
     has no such split (an ImageFolder without val/; WebDataset shards, whose held-out shards are their
     own spec: see open_eval). A WebDataset train split is an endless stream."""
     kind = check(spec)
-    transform = make_transform(resolution, augment, crop_min_scale)
+    transform = make_transform(resolution, augment, crop_min_scale, crop_pct)
     if kind == "shapes":
         opts = shapes or ShapesOptions()
         base = shapes_mod.Shapes(split, opts.size if split == "train" else opts.val_size, resolution,
@@ -115,13 +115,14 @@ def open_split(spec: str, split: str, *, resolution: int, fields: tuple[str, ...
 
 def open_eval(spec: str, *, resolution: int, fields: tuple[str, ...], seed: int, rank: int = 0,
               world: int = 1, shapes: ShapesOptions | None = None, split: str = "val",
-              whole: bool = False) -> Split | None:
-    """A split with the eval transform (resize + centre crop): `split` of `spec` ("val", or "train" for
+              whole: bool = False, crop_pct: float = 0.875) -> Split | None:
+    """A split with the eval transform (resize the shorter side to resolution / crop_pct + centre crop): `split` of `spec` ("val", or "train" for
     probe features), or with whole=True (an explicit --val_data) all of an ImageFolder. WebDataset
     specs are read whole, once, split across ranks."""
     if kind_of(spec) == "webdataset":
         check(spec)
-        stream = WebDatasetStream(check_shards(spec), fields, make_transform(resolution, "none"), rank, world,
+        stream = WebDatasetStream(check_shards(spec), fields, make_transform(resolution, "none", crop_pct=crop_pct),
+                                  rank, world,
                                   seed, loop=False)
         return Split(stream, "webdataset", None, None)
     if kind_of(spec) == "curated":
@@ -129,4 +130,4 @@ def open_eval(spec: str, *, resolution: int, fields: tuple[str, ...], seed: int,
     if whole and kind_of(spec) == "folder":
         split = "all"
     return open_split(spec, split, resolution=resolution, fields=fields, augment="none", seed=seed, rank=rank,
-                      world=world, shapes=shapes)
+                      world=world, shapes=shapes, crop_pct=crop_pct)

@@ -7,14 +7,19 @@ Captions become token ids in the loss, on the training process: the batch's capt
 words) -> the tokenizer (train/data/tokenizer.py) -> (B, context_length) ids.
 
 Tokenizer: `word` (vocabulary built from the first `vocab_samples` training captions, in data order,
-identically on every process) or `byte` (no vocabulary); `auto` = word for `shapes`, byte otherwise.
+identically on every process), `byte` (no vocabulary) or `clip` (CLIP's BPE, train/data/clip_bpe.py);
+`auto` = clip for metaclip_* models, word for `shapes`, byte otherwise.
 The tokenizer is written to <run>/tokenizer.json and saved in every checkpoint; a resumed run reads
 the run directory's copy, and resume / `kfe eval` check that the tokenizer matches the checkpoint's.
 
 Zero-shot (train/eval.py): class names of the held-out split (`shapes` class names, ImageFolder folder
 names with "_" -> " ") in prompt templates: for shapes, "a {size} {colour} {}" over every size and
 colour (the captions' own phrasing; per label kind); for an ImageFolder the model was trained on
-(captions = class names) just "{}"; otherwise CLIP's 7-template ImageNet ensemble.
+(captions = class names) just "{}"; otherwise CLIP's 7-template ImageNet ensemble. `kfe eval
+--zeroshot` (train/zeroshot.py) is the papers' protocol on any labelled set (80 templates, top-1/top-5).
+
+OpenAI-layout models (metaclip_*, models/openai_clip.py) get CLIP's image mean / std and its eval crop
+(shorter side resized to the crop size); `--pretrained FILE` loads released weights (models.load_pretrained).
 """
 from __future__ import annotations
 
@@ -121,7 +126,7 @@ def open_data(cfg: ImageTextConfig, info: DistInfo, recipe: str, fields=("image"
                         "--captions_file (e.g. from `kfe pseudo-bow`) or class folders")
     val = data_mod.open_eval(cfg.val_data or cfg.data, resolution=cfg.resolution, fields=("image", "label"),
                              seed=cfg.seed, rank=info.rank, world=info.world, shapes=cfg.shapes,
-                             whole=bool(cfg.val_data))
+                             whole=bool(cfg.val_data), crop_pct=eval_crop_pct(cfg))
     names = val.class_names if val is not None else None
     if names is None:
         if info.main:
@@ -282,6 +287,11 @@ def build_model(cfg: ImageTextConfig, tokenizer: tok_mod.Tokenizer, device=None,
 # OpenAI CLIP's image normalisation (open_clip's OPENAI_DATASET_MEAN / _STD): what the OpenAI-layout
 # (MetaCLIP) models are trained and released with
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def eval_crop_pct(cfg: ImageTextConfig) -> float:
+    """CLIP's eval transform resizes the shorter side to the crop size (crop_pct 1); ImageNet-style 0.875."""
+    return 1.0 if cfg.model.startswith("metaclip_") else 0.875
 
 
 def image_stats(cfg: ImageTextConfig) -> dict:
