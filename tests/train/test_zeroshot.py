@@ -122,7 +122,7 @@ def test_zero_shot_on_labelled_webdataset_shards_with_json_class_names(tmp_path)
         zeroshot.evaluate_checkpoint(str(tmp_path / "r"), str(spec), overrides=EVAL)
 
 
-@pytest.mark.parametrize("hw", [(48, 70), (70, 48), (33, 97), (31, 45), (32, 32)])
+@pytest.mark.parametrize("hw", [(48, 70), (70, 48), (48, 71), (71, 48), (33, 97), (31, 45), (32, 32)])
 def test_metaclip_eval_images_equal_open_clips_preprocessing(hw):
     """Resize (bicubic, shorter side to the crop) + centre crop + CLIP's mean / std: open_clip's
     image_transform(is_train=False), pixel for pixel (torchvision's sizes and crop offsets)."""
