@@ -60,7 +60,7 @@ def _texts():
 
 
 @pytest.mark.slow  # ~40 s (B/32) and ~55 s (B/16) on the loaded 2-core machine: open_clip init + full-size towers
-@pytest.mark.parametrize("size", ["b32", "b16"])
+@pytest.mark.parametrize("size", ["b32", "b16", "l14"])
 def test_embeddings_match_open_clip_fp32(size):
     torch.manual_seed(0)
     theirs = _open_clip_model(SIZES[size]).eval()  # open_clip's own random init

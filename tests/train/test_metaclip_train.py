@@ -164,3 +164,15 @@ def test_pretrained_loads_released_weights_into_the_recipe_model(tmp_path):
     cfg.pretrained = str(tmp_path / "missing.pt")
     with pytest.raises(ConfigError, match="--pretrained"):
         build_model(cfg, ClipBPETokenizer())
+
+
+def test_model_kwargs_of_the_other_layout_are_a_clear_error():
+    from train.config import ConfigError
+    from train.data.clip_bpe import ClipBPETokenizer
+    from train.recipes.image_text import build_model
+    from train.run import resolve_config
+
+    cfg, preset = resolve_config("clip", overrides=["--data", "shapes", "--model", "metaclip_vit_b32"])
+    assert preset == "shapes"  # its model_kwargs are the SLIP layout's ("vision": {...})
+    with pytest.raises(ConfigError, match="do not fit metaclip_vit_b32"):
+        build_model(cfg, ClipBPETokenizer(), "meta")

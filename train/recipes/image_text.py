@@ -275,7 +275,10 @@ def build_model(cfg: ImageTextConfig, tokenizer: tok_mod.Tokenizer, device=None,
     kw.update(img_size=cfg.resolution, vocab_size=tokenizer.vocab_size, context_length=cfg.context_length,
               eot_token_id=tokenizer.eot_token_id, **extra)
     with torch.device(device) if device else contextlib.nullcontext():
-        model = models.create_model(cfg.model, **kw)
+        try:
+            model = models.create_model(cfg.model, **kw)
+        except TypeError as err:  # e.g. the shapes preset's SLIP-layout model_kwargs for a metaclip_* model
+            raise ConfigError(f"--model_kwargs {json.dumps(cfg.model_kwargs)} do not fit {cfg.model}: {err}") from None
     if cfg.pretrained and device is None:
         try:
             models.load_pretrained(model, cfg.pretrained)
