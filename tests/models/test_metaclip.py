@@ -59,7 +59,7 @@ def _texts():
                                "x " * 100, "ünïcödé ✓ 日本語"])
 
 
-@pytest.mark.slow  # ~40 s (B/32) and ~55 s (B/16) on the loaded 2-core machine: open_clip init + full-size towers
+@pytest.mark.slow  # measured at load ~17 on the 2 shared cores: B/32 94 s, B/16 93 s, L/14 156 s (open_clip init + towers)
 @pytest.mark.parametrize("size", ["b32", "b16", "l14"])
 def test_embeddings_match_open_clip_fp32(size):
     torch.manual_seed(0)
