@@ -80,7 +80,7 @@ def test_user_vocab_path_and_bad_path(tmp_path):
     with gzip.open(default_vocab_path(), "rb") as src, open(plain, "wb") as dst:
         shutil.copyfileobj(src, dst)
     user = ClipBPETokenizer(str(plain))
-    assert user("a tench, swimming", 77).tolist() == open_clip.tokenize("a tench, swimming").tolist()
+    assert user(["a tench, swimming"], 77).tolist() == open_clip.tokenize(["a tench, swimming"]).tolist()
     with pytest.raises(FileNotFoundError, match="bpe_vocab"):
         ClipBPETokenizer(str(tmp_path / "missing.txt.gz"))
     bad = tmp_path / "bad.txt"
