@@ -6,6 +6,7 @@
     kfe bench recipe supervised  training images/s and data-loader images/s of a recipe
     kfe train supervised       train a recipe (kfe train --help; kfe train supervised --help)
     kfe eval RUN_OR_CKPT       held-out top-1 (or --probe knn|linear) of a checkpoint
+    kfe eval RUN --zeroshot D  zero-shot top-1/top-5 (ImageFolder, labelled shards or JSON; 80 templates)
     kfe sample dit --ckpt RUN  draw a PNG grid of class-conditional DiT samples (CFG, DDPM/DDIM)
     kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys

@@ -93,6 +93,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--probe", choices=["top1", "knn", "linear"], default="top1")
     p.add_argument("--probe_samples", type=int, default=5000, help="training images for knn / linear")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--zeroshot", metavar="DIR_OR_JSON", default="",
+                   help="zero-shot top-1/top-5 (clip, slip, cit): an ImageFolder / labelled shards, or a JSON "
+                        "{data, classnames, templates}; default templates: OpenAI's 80 (train/zeroshot.py)")
     return p
 
 
@@ -110,7 +113,12 @@ def eval_command(argv: list[str]) -> int:
     parser = _eval_arguments(argparse.ArgumentParser(prog="kfe eval", description=EVAL_HELP))
     args, overrides = parser.parse_known_args(argv)
     try:
-        evaluate_checkpoint(args.checkpoint, args.probe, args.ema, overrides, args.probe_samples)
+        if args.zeroshot:
+            from train import zeroshot
+
+            zeroshot.evaluate_checkpoint(args.checkpoint, args.zeroshot, args.ema, overrides)
+        else:
+            evaluate_checkpoint(args.checkpoint, args.probe, args.ema, overrides, args.probe_samples)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"kfe eval: error: {err}", file=sys.stderr)
         return 2

@@ -22,13 +22,17 @@ from train.trainer import Trainer, prepare_batch, to_channels_last
 def resolve_config(recipe_name: str, config_file: str | None = None, preset: str = "auto",
                    overrides: list[str] | None = None):
     """Defaults -> preset -> TOML -> overrides. preset "auto" picks the recipe's `shapes` preset when the
-    data (after the TOML file and overrides) is shapes, else "paper" (the dataclass defaults)."""
+    data (after the TOML file and overrides) is shapes, else the preset named after the model when the
+    recipe has one (clip's metaclip_vit_*), else "paper" (the dataclass defaults)."""
     recipe = get(recipe_name)
     toml = config_mod.load_toml(config_file) if config_file else None
     over = config_mod.parse_overrides(recipe.config, overrides or [])
     if preset in ("", "auto"):
         data = config_mod.merged_get("data", {"data": recipe.config().data}, toml, over)
+        model = config_mod.merged_get("model", {"model": getattr(recipe.config(), "model", "")}, toml, over)
         preset = "shapes" if kind_of(data) == "shapes" and "shapes" in recipe.presets else "paper"
+        if preset == "paper" and model in recipe.presets:  # e.g. clip's per-size metaclip_vit_* presets
+            preset = model
     if preset == "paper":
         mapping = None
     elif preset in recipe.presets:

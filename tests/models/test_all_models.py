@@ -46,6 +46,13 @@ def _build_and_loss(name: str):
     if name.startswith("fcmae_"):
         model = models.create_model(name, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), decoder_embed_dim=16)
         return model, lambda: model(img(64))[0]
+    if name.startswith("metaclip_"):  # OpenAI-layout CLIP: the variant's patch size, 16-wide heads
+        model = models.create_model(name, image_size=32, vision_width=32, vision_head_width=16, vision_layers=1,
+                                    vision_mlp_ratio=2.0, transformer_layers=1, vocab_size=50, context_length=8,
+                                    transformer_width=16, transformer_heads=2, embed_dim=8,
+                                    patch_size=16 if name.endswith("b16") else 32 if name.endswith("b32") else 8)
+        text = torch.randint(0, 50, (2, 8), generator=g)
+        return model, lambda: model.clip_loss(model(img(32), text))
     heads = _heads(name)
     width = 4 * heads
     if name.startswith("vit_"):

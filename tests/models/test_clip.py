@@ -25,7 +25,7 @@ def test_slip_keys():
     for k in ("visual.patch_embed.proj.weight", "visual.cls_token", "visual.pos_embed", "visual.blocks.0.attn.qkv.weight",
               "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.11.mlp.c_proj.bias",
               "token_embedding.weight", "positional_embedding", "ln_final.weight", "image_projection",
-              "text_projection", "contrastive.logit_scale", "image_mlp.layer1.weight", "image_mlp.bn2.running_var",
+              "text_projection", "logit_scale", "image_mlp.layer1.weight", "image_mlp.bn2.running_var",
               "image_mlp.layer3.weight"):
         assert k in keys, k
 
@@ -74,17 +74,17 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled(img, text)["text_embed"], model(img, text)["text_embed"])
 
 
-def test_slip_checkpoint_logit_scale_loads_and_loss_runs():
+def test_old_kfe_checkpoint_logit_scale_loads_and_loss_runs():
     model = _tiny()
     state = dict(model.state_dict())
-    state["logit_scale"] = torch.tensor(2.5)  # SLIP's key
-    del state["contrastive.logit_scale"]
+    state["contrastive.logit_scale"] = torch.tensor(2.5)  # the key of KFE checkpoints before SLIP's own
+    del state["logit_scale"]
     model.load_state_dict(state)
-    assert model.contrastive.logit_scale.item() == 2.5
+    assert model.logit_scale.item() == 2.5
     img, text = torch.randn(3, 3, 32, 32), torch.randint(0, 50, (3, 12))
     loss = model.clip_loss(model(img, text))
     loss.backward()
-    assert loss.ndim == 0 and model.contrastive.logit_scale.grad is not None
+    assert loss.ndim == 0 and model.logit_scale.grad is not None
 
 
 def test_vision_tower_heads_are_slips():

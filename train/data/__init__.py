@@ -3,6 +3,8 @@
     spec = "shapes"                          generated locally (train.data.shapes)
     spec = "/data/imagenet"                  ImageFolder; uses <dir>/train and <dir>/val when present
     spec = "/data/cc3m/{00000..00331}.tar"   WebDataset shards (image + caption), streamed
+    spec = "/data/curated"                   `kfe curate metaclip` output: its kept pairs, streamed from
+                                             the pool's shards (train.data.curated)
 
 `check(spec)` validates a spec (paths exist) before anything expensive is built; `open_split` returns
 a dataset for one split plus what the recipe needs to know about it (classes, size).
@@ -46,7 +48,9 @@ def kind_of(spec: str) -> str:
         return "shapes"
     if ".tar" in spec:
         return "webdataset"
-    return "folder"
+    from train.data.curated import is_curated
+
+    return "curated" if is_curated(spec) else "folder"
 
 
 def check(spec: str, what: str = "data") -> str:
@@ -75,12 +79,12 @@ def _folder_split(spec: str, split: str) -> str | None:
 
 def open_split(spec: str, split: str, *, resolution: int, fields: tuple[str, ...], augment: str,
                seed: int, rank: int = 0, world: int = 1, shapes: ShapesOptions | None = None,
-               crop_min_scale: float = 0.08) -> Split | None:
+               crop_min_scale: float = 0.08, crop_pct: float = 0.875) -> Split | None:
     """The `split` ("train" | "val" | "all" for a folder) of a data spec, transformed; None when the spec
     has no such split (an ImageFolder without val/; WebDataset shards, whose held-out shards are their
     own spec: see open_eval). A WebDataset train split is an endless stream."""
     kind = check(spec)
-    transform = make_transform(resolution, augment, crop_min_scale)
+    transform = make_transform(resolution, augment, crop_min_scale, crop_pct)
     if kind == "shapes":
         opts = shapes or ShapesOptions()
         base = shapes_mod.Shapes(split, opts.size if split == "train" else opts.val_size, resolution,
@@ -100,22 +104,30 @@ def open_split(spec: str, split: str, *, resolution: int, fields: tuple[str, ...
         return Split(Transformed(base, transform, seed), kind, len(base), base.class_names)
     if split != "train":
         return None  # held-out shards are given as their own spec (val_data)
+    if kind == "curated":  # a stream of the kept pairs; one epoch = one pass over them
+        from train.data.curated import open_curated
+
+        stream = open_curated(spec, fields, transform, rank, world, seed)
+        return Split(stream, "webdataset", stream.size, None)
     stream = WebDatasetStream(check_shards(spec), fields, transform, rank, world, seed, loop=True)
     return Split(stream, kind, None, None)
 
 
 def open_eval(spec: str, *, resolution: int, fields: tuple[str, ...], seed: int, rank: int = 0,
               world: int = 1, shapes: ShapesOptions | None = None, split: str = "val",
-              whole: bool = False) -> Split | None:
-    """A split with the eval transform (resize + centre crop): `split` of `spec` ("val", or "train" for
+              whole: bool = False, crop_pct: float = 0.875) -> Split | None:
+    """A split with the eval transform (resize the shorter side to resolution / crop_pct + centre crop): `split` of `spec` ("val", or "train" for
     probe features), or with whole=True (an explicit --val_data) all of an ImageFolder. WebDataset
     specs are read whole, once, split across ranks."""
     if kind_of(spec) == "webdataset":
         check(spec)
-        stream = WebDatasetStream(check_shards(spec), fields, make_transform(resolution, "none"), rank, world,
+        stream = WebDatasetStream(check_shards(spec), fields, make_transform(resolution, "none", crop_pct=crop_pct),
+                                  rank, world,
                                   seed, loop=False)
         return Split(stream, "webdataset", None, None)
+    if kind_of(spec) == "curated":
+        return None  # training pairs only: give --val_data for a held-out split
     if whole and kind_of(spec) == "folder":
         split = "all"
     return open_split(spec, split, resolution=resolution, fields=fields, augment="none", seed=seed, rank=rank,
-                      world=world, shapes=shapes)
+                      world=world, shapes=shapes, crop_pct=crop_pct)

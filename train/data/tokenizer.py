@@ -1,8 +1,11 @@
 """Tokenizers for the CLIP text tower (models/clip.py takes any tokenizer's ids).
 
-CLIP's BPE vocabulary (49408 tokens, Radford et al. 2021, Sec. 2.4) is a download this machine cannot
-make, so two self-contained tokenizers are provided; both put <sot> first and <eot> last (the text
-tower pools at `eot_token_id`), pad after <eot>, and truncate to the context length keeping <eot>:
+Three tokenizers; each puts <sot> first and <eot> last (the text tower pools at `eot_token_id`), pads
+after <eot>, and truncates to the context length keeping <eot>:
+
+- `clip` (train/data/clip_bpe.py): CLIP's byte-level BPE (49408 ids, Radford et al. 2021, Sec. 2.4),
+  exactly open_clip's ids, from the vocabulary file the open_clip_torch package ships (or a user copy).
+  The tokenizer of OpenAI / open_clip / MetaCLIP checkpoints and of the papers' runs.
 
 - `WordTokenizer`: lower-cased words (runs of letters/digits, inner apostrophes kept; punctuation is
   dropped), vocabulary built from the training captions: every word seen at least `min_count` times,
@@ -25,7 +28,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
-KINDS = ("word", "byte")
+KINDS = ("word", "byte", "clip")
 
 
 def words(text: str) -> list[str]:
@@ -158,6 +161,10 @@ class ByteTokenizer(Tokenizer):
 def from_dict(d: dict) -> Tokenizer:
     if not isinstance(d, dict) or d.get("kind") not in KINDS:
         raise ValueError(f"not a tokenizer description: {d!r:.80}")
+    if d["kind"] == "clip":
+        from train.data.clip_bpe import ClipBPETokenizer
+
+        return ClipBPETokenizer(d.get("bpe_vocab", ""))
     return WordTokenizer(d["vocab"]) if d["kind"] == "word" else ByteTokenizer()
 
 

@@ -70,10 +70,12 @@ def _center(img: Image.Image, res: int, crop_pct: float) -> Image.Image:
     w, h = img.size
     short = int(res / crop_pct)
     if (w, h) != (res, res):
-        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-        img = img.resize((max(res, nw), max(res, nh)), Image.BICUBIC)
+        # torchvision's Resize(short) sizes: the long side truncated, int(short * long / shorter)
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((max(res, size[0]), max(res, size[1])), Image.BICUBIC)
         w, h = img.size
-    left, top = (w - res) // 2, (h - res) // 2
+    # torchvision's CenterCrop offsets (round half to even), so the eval crop equals CLIP's / timm's pixel for pixel
+    left, top = int(round((w - res) / 2.0)), int(round((h - res) / 2.0))
     return img.crop((left, top, left + res, top + res))
 
 

@@ -1,7 +1,7 @@
 """`clip`: contrastive image-text pre-training (CLIP, Radford et al., arXiv 2103.00020) with the ViT
 towers of models/clip.py, as SLIP trains its CLIP baseline (Mu et al., arXiv 2112.12750).
 
-Defaults are SLIP's CLIP ViT-B/16 recipe on YFCC15M (the official SLIP repository's README, "CLIP
+Defaults (`--preset paper`) are SLIP's CLIP baseline, right for the SLIP comparison: SLIP's CLIP ViT-B/16 recipe on YFCC15M (the official SLIP repository's README, "CLIP
 ViT-Base with 8-nodes (batch size 4096)": lr 5e-4, weight decay 0.5; its main.py defaults: 25 epochs,
 1 warmup epoch, AdamW betas (0.9, 0.98), eps 1e-8, cosine to 1e-5; CLIP view RandomResizedCrop with
 scale (0.5, 1)). Here lr = blr * batch / 256, so blr 3.125e-5 is SLIP's 5e-4 at batch 4096. The loss
@@ -20,6 +20,13 @@ in its own preset (the MetaCLIP issue).
 bow.py), `--bow_t` balances word frequencies; `kfe pseudo-bow RUN --data DIR` captions unlabelled
 images with a trained model's top-k words, and `--captions_file` trains on them.
 
+MetaCLIP / OpenAI CLIP (arXiv 2309.16671): `--model metaclip_vit_b32` (b16, l14, h14, bigg14; the
+OpenAI-layout towers of models/openai_clip.py that load open_clip / MetaCLIP checkpoints) picks the
+preset of that size (METACLIP below: batch 32768, lr 5e-4 / 4e-4, 2000 warmup steps, wd 0.2, 32 epochs
+of 400M) and CLIP's BPE tokenizer; images are normalised with CLIP's mean / std. `kfe curate metaclip`
+output trains directly (`--data CURATED_DIR`, train/data/curated.py); `--pretrained FILE` starts from
+released weights; `kfe eval RUN --zeroshot DIR_OR_JSON` is the papers' zero-shot protocol.
+
 The `shapes` preset is the README's main job: a laptop-CPU run (a few minutes) ending with the
 held-out zero-shot accuracy next to chance; see PRESETS for what was measured.
 """
@@ -31,7 +38,7 @@ from train.config import opt
 from train.dist import DistInfo
 from train.recipes.base import Recipe, Task, register
 from train.recipes.image_text import (Captioner, ImageTextConfig, ImageTextData, balancer, build_model, describe,
-                                      forward_macs, open_data, tokenizer_state, zero_shot_evaluator)
+                                      forward_macs, image_stats, open_data, tokenizer_state, zero_shot_evaluator)
 from train.data import tokenizer as tok_mod
 
 
@@ -62,7 +69,25 @@ SHAPES = {
     "log_every": 25, "eval_every": 100, "ckpt_every": 200, "eval_batch_size": 250,
     "shapes": {"val_size": 1000, "label": "color"},
 }
-PRESETS = {"shapes": SHAPES}
+
+# MetaCLIP's training settings, one preset per model size (`--preset metaclip_vit_b32`, or picked by
+# `--preset auto` from `--model metaclip_vit_*` on non-shapes data). They are OpenAI CLIP's (Radford et
+# al. 2021, Appendix F hyperparameter tables: batch 32768, 32 epochs, weight decay 0.2, 2000 warmup
+# iterations, Adam beta2 0.98; lr 5e-4 for ViT-B, 4e-4 for ViT-L) as MetaCLIP runs them: the official
+# facebookresearch/MetaCLIP run_configs_400m.py (b32_400m: 512 per GPU x 16 nodes x 4 GPUs = 32768,
+# epochs 32 of train_num_samples 400M, warmup 2000, ViT-*-quickgelu; l14_400m: lr 4e-4, 256 x 128 GPUs)
+# and run_configs_2_5B.py (h14_fullcc lr 4e-4, 256 x 128; G14_fullcc lr 4e-4, 128 x 256), with
+# configs.py's wd 0.2 and open_clip's ViT defaults (lr 5e-4, betas (0.9, 0.98)); cosine to 0;
+# open_clip's training crop RandomResizedCrop(scale=(0.9, 1.0)). 32 epochs x 400M = 12.8B seen pairs,
+# the paper's budget for every size (MetaCLIP, arXiv 2309.16671, Sec. 4). Not reproduced here: Adam
+# eps 1e-6 (KFE's AdamW keeps 1e-8) and gradient checkpointing.
+METACLIP_COMMON = {"batch_size": 32768, "epochs": 32.0, "samples_per_epoch": 400_000_000, "warmup_steps": 2000,
+                   "weight_decay": 0.2, "betas": (0.9, 0.98), "min_lr": 0.0, "resolution": 224,
+                   "crop_min_scale": 0.9, "tokenizer": "clip", "context_length": 77}
+METACLIP_LR = {"b32": 5e-4, "b16": 5e-4, "l14": 4e-4, "h14": 4e-4, "bigg14": 4e-4}
+METACLIP = {f"metaclip_vit_{size}": {**METACLIP_COMMON, "model": f"metaclip_vit_{size}", "lr": lr}
+            for size, lr in METACLIP_LR.items()}
+PRESETS = {"shapes": SHAPES, **METACLIP}
 
 
 def build_data(cfg: ClipConfig, info: DistInfo) -> ImageTextData:
@@ -91,7 +116,7 @@ def build_task(cfg: ClipConfig, data: ImageTextData, info: DistInfo) -> Task:
     state, load_state = tokenizer_state(data)
     return Task(model=model, loss=loss, evaluate=zero_shot_evaluator(cfg, data, info), embed=embed,
                 flops_per_sample=6.0 * macs, describe=describe, state_dict=state, load_state_dict=load_state,
-                run_files={"tokenizer.json": _json(data.tokenizer)})
+                run_files={"tokenizer.json": _json(data.tokenizer)}, **image_stats(cfg))
 
 
 def _json(tok: tok_mod.Tokenizer) -> str:

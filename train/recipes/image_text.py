@@ -7,14 +7,19 @@ Captions become token ids in the loss, on the training process: the batch's capt
 words) -> the tokenizer (train/data/tokenizer.py) -> (B, context_length) ids.
 
 Tokenizer: `word` (vocabulary built from the first `vocab_samples` training captions, in data order,
-identically on every process) or `byte` (no vocabulary); `auto` = word for `shapes`, byte otherwise.
+identically on every process), `byte` (no vocabulary) or `clip` (CLIP's BPE, train/data/clip_bpe.py);
+`auto` = clip for metaclip_* models, word for `shapes`, byte otherwise.
 The tokenizer is written to <run>/tokenizer.json and saved in every checkpoint; a resumed run reads
 the run directory's copy, and resume / `kfe eval` check that the tokenizer matches the checkpoint's.
 
 Zero-shot (train/eval.py): class names of the held-out split (`shapes` class names, ImageFolder folder
 names with "_" -> " ") in prompt templates: for shapes, "a {size} {colour} {}" over every size and
 colour (the captions' own phrasing; per label kind); for an ImageFolder the model was trained on
-(captions = class names) just "{}"; otherwise CLIP's 7-template ImageNet ensemble.
+(captions = class names) just "{}"; otherwise CLIP's 7-template ImageNet ensemble. `kfe eval
+--zeroshot` (train/zeroshot.py) is the papers' protocol on any labelled set (80 templates, top-1/top-5).
+
+OpenAI-layout models (metaclip_*, models/openai_clip.py) get CLIP's image mean / std and its eval crop
+(shorter side resized to the crop size); `--pretrained FILE` loads released weights (models.load_pretrained).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from train.recipes.base import Data, TrainConfig
 # CLIP's 7-template ImageNet ensemble (openai/CLIP, notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 CLIP_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                   "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
-RECIPE_SET = ("img_size", "vocab_size", "context_length", "eot_token_id")  # model keys the recipe sets
+RECIPE_SET = ("img_size", "image_size", "vocab_size", "context_length", "eot_token_id")  # model keys the recipe sets
 
 
 @dataclass
@@ -51,7 +56,10 @@ class ImageTextConfig(TrainConfig):
     model: str = opt("clip_vit_base_patch16", "registered model name (clip_vit_* / slip_vit_*)")
     model_kwargs: dict = opt({}, "create_model overrides, e.g. {\"vision\": {\"depth\": 2, \"patch_size\": 8}, "
                                  "\"embed_dim\": 64, \"transformer_layers\": 2}")
-    tokenizer: Literal["auto", "word", "byte"] = opt("auto", "auto: word for shapes, byte otherwise")
+    tokenizer: Literal["auto", "word", "byte", "clip"] = opt("auto", "auto: clip (CLIP's BPE) for metaclip_* models, "
+                                                            "word for shapes, byte otherwise")
+    bpe_vocab: str = opt("", "clip tokenizer: the BPE merges file ('' = the copy open_clip_torch ships)")
+    pretrained: str = opt("", "initial weights: an open_clip / MetaCLIP / SLIP / `kfe export` file (strict)")
     context_length: int = opt(77, "text tokens per caption, <sot> and <eot> included (CLIP: 77)")
     vocab_samples: int = opt(100_000, "word tokenizer: training captions read to build the vocabulary")
     vocab_min_count: int = opt(1, "word tokenizer: minimum count of a vocabulary word")
@@ -105,7 +113,7 @@ def open_data(cfg: ImageTextConfig, info: DistInfo, recipe: str, fields=("image"
     kind = data_mod.check(cfg.data, "data")
     if cfg.val_data:
         data_mod.check(cfg.val_data, "val_data")
-    if cfg.captions_file and kind == "webdataset":
+    if cfg.captions_file and kind in ("webdataset", "curated"):
         raise DataError("--captions_file replaces captions by sample index: map-style data only (shapes, ImageFolder)")
     train = data_mod.open_split(cfg.data, "train", resolution=cfg.resolution, fields=fields,
                                 augment=_augment(cfg, kind), seed=cfg.seed, rank=info.rank, world=info.world,
@@ -118,7 +126,7 @@ def open_data(cfg: ImageTextConfig, info: DistInfo, recipe: str, fields=("image"
                         "--captions_file (e.g. from `kfe pseudo-bow`) or class folders")
     val = data_mod.open_eval(cfg.val_data or cfg.data, resolution=cfg.resolution, fields=("image", "label"),
                              seed=cfg.seed, rank=info.rank, world=info.world, shapes=cfg.shapes,
-                             whole=bool(cfg.val_data))
+                             whole=bool(cfg.val_data), crop_pct=eval_crop_pct(cfg))
     names = val.class_names if val is not None else None
     if names is None:
         if info.main:
@@ -205,9 +213,18 @@ def tokenizer_path(cfg, recipe_name: str) -> str:
 
 
 def make_tokenizer(cfg: ImageTextConfig, info: DistInfo, data: ImageTextData, recipe: str) -> tok_mod.Tokenizer:
-    choice = cfg.tokenizer if cfg.tokenizer != "auto" else ("word" if data.kind == "shapes" else "byte")
+    choice = cfg.tokenizer
+    if choice == "auto":
+        choice = "clip" if cfg.model.startswith("metaclip_") else "word" if data.kind == "shapes" else "byte"
     if choice == "byte":
         return tok_mod.ByteTokenizer()
+    if choice == "clip":
+        from train.data.clip_bpe import ClipBPETokenizer
+
+        try:
+            return ClipBPETokenizer(cfg.bpe_vocab)
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(str(err)) from None
     desc, error = None, None
     if info.main:  # rank 0 reads the captions once; every rank gets the same vocabulary
         path = tokenizer_path(cfg, recipe)
@@ -258,7 +275,31 @@ def build_model(cfg: ImageTextConfig, tokenizer: tok_mod.Tokenizer, device=None,
     kw.update(img_size=cfg.resolution, vocab_size=tokenizer.vocab_size, context_length=cfg.context_length,
               eot_token_id=tokenizer.eot_token_id, **extra)
     with torch.device(device) if device else contextlib.nullcontext():
-        return models.create_model(cfg.model, **kw)
+        try:
+            model = models.create_model(cfg.model, **kw)
+        except TypeError as err:  # e.g. the shapes preset's SLIP-layout model_kwargs for a metaclip_* model
+            raise ConfigError(f"--model_kwargs {json.dumps(cfg.model_kwargs)} do not fit {cfg.model}: {err}") from None
+    if cfg.pretrained and device is None:
+        try:
+            models.load_pretrained(model, cfg.pretrained)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--pretrained: {err}") from None
+    return model
+
+
+# OpenAI CLIP's image normalisation (open_clip's OPENAI_DATASET_MEAN / _STD): what the OpenAI-layout
+# (MetaCLIP) models are trained and released with
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def eval_crop_pct(cfg: ImageTextConfig) -> float:
+    """CLIP's eval transform resizes the shorter side to the crop size (crop_pct 1); ImageNet-style 0.875."""
+    return 1.0 if cfg.model.startswith("metaclip_") else 0.875
+
+
+def image_stats(cfg: ImageTextConfig) -> dict:
+    """Task(mean=, std=) for the model: CLIP's for metaclip_* models, ImageNet's (the default) otherwise."""
+    return {"mean": CLIP_MEAN, "std": CLIP_STD} if cfg.model.startswith("metaclip_") else {}
 
 
 def forward_macs(cfg: ImageTextConfig, model_meta) -> int:

@@ -83,7 +83,8 @@ def build_data(cfg: SlipConfig, info: DistInfo) -> ImageTextData:
 def build_task(cfg: SlipConfig, data: ImageTextData, info: DistInfo) -> Task:
     extra = dict(ssl_mlp_dim=cfg.ssl_mlp_dim, ssl_emb_dim=cfg.ssl_emb_dim)
     model = sync_batchnorm(build_model(cfg, data.tokenizer, **extra), info)
-    meta = build_model(cfg, data.tokenizer, "meta", **extra)
+    # eval mode: one sample per view, and the head's BatchNorm refuses a batch of 1 in training (same FLOPs)
+    meta = build_model(cfg, data.tokenizer, "meta", **extra).eval()
     image = torch.zeros(1, 3, cfg.resolution, cfg.resolution, device="meta")
     text = torch.zeros(1, cfg.context_length, dtype=torch.long, device="meta")
     macs = models.count_flops(meta, inputs=(image, text, image, image))  # CLIP pair + two SimCLR views
