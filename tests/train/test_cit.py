@@ -166,7 +166,7 @@ def test_weight_decay_groups_put_the_projections_at_head_weight_decay(tmp_path):
     assert (decay["weight_decay"], no_decay["weight_decay"], head["weight_decay"]) == (0.2, 0.0, 1.0)
     assert {names[id(p)] for p in head["params"]} == {"image_projection", "text_projection"}
     nd = {names[id(p)] for p in no_decay["params"]}
-    assert "contrastive.logit_scale" in nd and "ln_final.weight" in nd and "visual.blocks.0.attn.qkv.bias" in nd
+    assert "logit_scale" in nd and "ln_final.weight" in nd and "visual.blocks.0.attn.qkv.bias" in nd
     d = {names[id(p)] for p in decay["params"]}
     assert "visual.blocks.0.attn.qkv.weight" in d and "token_embedding.weight" in d
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])

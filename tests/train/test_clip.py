@@ -220,5 +220,5 @@ def test_paper_defaults_are_slips_clip_baseline(tmp_path):
     t = built_trainer("clip", tmp_path, "--data", "shapes", *TINY, "--batch_size", "32", preset="paper")
     assert t.lr == pytest.approx(3.125e-5 * 32 / 256) and t.optimizer.defaults["betas"] == (0.9, 0.98)
     (wd, decay), (no_wd, no_decay) = group_names(t)
-    assert (wd, no_wd) == (0.5, 0.0) and "contrastive.logit_scale" in no_decay   # not on the temperature
+    assert (wd, no_wd) == (0.5, 0.0) and "logit_scale" in no_decay   # not on the temperature
     assert {"image_projection", "text_projection", "visual.blocks.0.attn.qkv.weight"} <= decay
