@@ -61,6 +61,13 @@ def _pop(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def os_error(err: OSError) -> str:
+    """One line naming the path: '[Errno 28] No space left on device: runs/x/ckpt-00000010.pt'."""
+    where = err.filename or getattr(err, "kfe_path", None)
+    text = f"{err.strerror or err}" + (f": {where}" + (f" -> {err.filename2}" if err.filename2 else "") if where else "")
+    return text.replace("\n", " ")
+
+
 def train_command(argv: list[str]) -> int:
     from train.config import ConfigError
     from train.data import DataError
@@ -85,6 +92,14 @@ def train_command(argv: list[str]) -> int:
     except (ConfigError, DataError) as err:
         print(f"kfe train {name}: error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        if not str(err).startswith("cannot read checkpoint"):
+            raise
+        print(f"kfe train {name}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only or missing --out, unreadable files: the path, no traceback
+        print(f"kfe train {name}: error: {os_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -114,13 +129,23 @@ def eval_command(argv: list[str]) -> int:
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"kfe eval: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"kfe eval: error: {os_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def export_command(args: argparse.Namespace) -> int:
     from train.run import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out, args.ema)
+    try:
+        export_checkpoint(args.checkpoint, args.out, args.ema)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kfe export: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"kfe export: error: {os_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

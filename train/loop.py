@@ -137,8 +137,11 @@ def run_loop(t) -> dict:
                "run_dir": t.run_dir}
     rep.write(summary)
     loss = f"{rec['loss']:.4f}" if rec else "n/a"
+    rep.close_bar()  # first: tqdm would redraw the bar under the final line
+    held = sum(v for k, v in skipped.items() if k.startswith("held_out_"))
     rep.print(f"kfe train {t.recipe.name}: {'stopped' if stopped else 'done'} at step {step}/{t.total_steps} "
               f"({step - start_step} this session) in {wall:.0f}s | {summary['images_per_s']:.0f} img/s | "
-              f"loss {loss} | {_describe(t, metrics)} | skipped samples {sum(skipped.values())} | {path}")
+              f"loss {loss} | {_describe(t, metrics)} | skipped samples {sum(skipped.values()) - held}"
+              f"{f' (+{held} held-out)' if held else ''} | {path}")
     rep.close()
     return summary

@@ -128,7 +128,12 @@ def _to_uint8(x: torch.Tensor, pixels: bool) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def sample(ckpt: str, out: str, steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 4.0,
+def default_out(ckpt: str) -> str:
+    """`<run dir>/samples.png`: beside the checkpoint, not in the working directory."""
+    return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), "samples.png")
+
+
+def sample(ckpt: str, out: str | None, steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 4.0,
            classes: str | None = None, per_class: int = 4, seed: int = 0, eta: float = 0.0, ema: bool = True,
            device: str = "auto", upscale: int = 1, progress: bool = True) -> dict:
     """Draw per_class samples of each class; write the grid PNG and its caption file. Returns a summary."""
@@ -139,6 +144,7 @@ def sample(ckpt: str, out: str, steps: int = 250, sampler: str = "ddpm", cfg_sca
 
     if per_class < 1 or upscale < 1:
         raise ValueError("--per-class and --upscale must be >= 1")
+    out = out or default_out(ckpt)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, used_ema, step = load_model(ckpt, ema, dev)
     names = _class_names(cfg)
@@ -192,7 +198,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", choices=["dit"], help="the recipe whose checkpoint samples")
     p.add_argument("--ckpt", required=True, help="a run directory (newest checkpoint) or a ckpt-*.pt file")
-    p.add_argument("--out", default="samples.png", help="grid PNG; a caption file <stem>.txt is written beside it")
+    p.add_argument("--out", help="grid PNG (default: <run dir>/samples.png); a caption file <stem>.txt is written "
+                                 "beside it")
     p.add_argument("--steps", type=int, default=250, help="sampling steps (respaced; DiT uses 250)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")

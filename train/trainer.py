@@ -22,8 +22,9 @@ from train import checkpoint as ckpt_mod
 from train import config as config_mod
 from train import dist as dist_mod
 from train.data import Loader, kind_of, normalize
+from train.data import loader as loader_mod
 from train.data.loader import StopRequested
-from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, peak_flops
+from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, naming, peak_flops
 from train.optim import EMA, adamw, param_groups, scheduler
 from train.recipes.base import Recipe, TrainConfig
 from train.wrap import load_wrapped_state, unsharded, unwrap_state, wrap_model
@@ -101,7 +102,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         # The data first: a bad path fails before the model is built or anything is written (the run
-        # directory is created by _find_resume).
+        # directory is created by run.train once setup has passed every check).
         self.data = self.recipe.build_data(cfg, info)
         resume = self._find_resume() if checkpoints else None
         self.local_batch = cfg.batch_size // (info.world * cfg.accum_steps)
@@ -110,13 +111,14 @@ class Trainer:
         self.loader.should_stop = lambda: self.stop
         self.total_steps, self.warmup = self._lengths()
         ckpt_mod.seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        self.task = self.recipe.build_task(cfg, self.data, info)
+        with model_errors(cfg):
+            self.task = self.recipe.build_task(cfg, self.data, info)
         self.module = self.task.model.to(self.device)
         self.channels_last = self.task.channels_last and cfg.channels_last
         self.sharded = cfg.dist == "fsdp" and info.world > 1
         if self.channels_last and not self.sharded:  # FSDP2 cannot shard non-contiguous parameters
             to_channels_last(self.module)
-        state = ckpt_mod.load(resume) if resume else None
+        state = read_checkpoint(resume) if resume else None
         if state is not None:
             self._restore_task(state)
         if state is not None and not self.sharded:
@@ -141,15 +143,20 @@ class Trainer:
         cfg, info = self.cfg, self.info
         path, error = None, None
         if info.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            ckpt_mod.remove_stale_temporaries(self.run_dir)
+            if os.path.isdir(self.run_dir):
+                ckpt_mod.remove_stale_temporaries(self.run_dir)
             try:
                 path = ckpt_mod.find_resume(self.run_dir, cfg.resume)
             except FileNotFoundError as err:
                 error = str(err)
-            if not cfg.resume and ckpt_mod.list_checkpoints(self.run_dir):
+            found = ckpt_mod.list_checkpoints(self.run_dir)
+            if not cfg.resume and found:
                 error = (f"{self.run_dir} already holds checkpoints: pass --resume auto to continue that run, "
                          "or --out DIR for a new one")
+            elif cfg.resume == "auto" and path is None and found:  # never start over and overwrite them
+                error = (f"--resume auto: none of the {len(found)} checkpoint(s) in {self.run_dir} is readable "
+                         f"(newest: {found[-1][1]}); move them away to start afresh, or resume from a file "
+                         "with --resume PATH")
         path, error = dist_mod.broadcast_object((path, error), info)
         if error:
             raise config_mod.ConfigError(error)
@@ -283,11 +290,15 @@ class Trainer:
         if self.task.evaluate is None:
             return {}
         self.module.eval()
+        loader_mod.HELD_OUT_SKIPPED.clear()  # the summary reports the newest evaluation's skips
         with torch.no_grad(), self._autocast(), unsharded(self.module, self.sharded):
             metrics = dict(self.task.evaluate(self.module, self.prepare))
-            if self.ema is not None:
+            held = dict(loader_mod.HELD_OUT_SKIPPED)
+            if self.ema is not None:  # (reads the same held-out samples again: not counted twice)
                 metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.prepare).items()
                                 if not k.startswith("chance")})
+            loader_mod.HELD_OUT_SKIPPED.clear()
+            loader_mod.HELD_OUT_SKIPPED.update(held)
         self.module.train()
         return metrics
 
@@ -302,12 +313,13 @@ class Trainer:
         opt_sd = optimizer_state(self.module, self.optimizer, "fsdp" if self.sharded else "ddp")
         path = ckpt_mod.path_for(self.run_dir, step)
         if info.main:
-            ckpt_mod.atomic_save({
-                "format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
-                "config": config_mod.to_dict(self.cfg), "model": model_sd, "optimizer": opt_sd,
-                "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "rng": rng, "data": data, "world": info.world, "task": task,
-            }, path)
+            with naming(path):
+                ckpt_mod.atomic_save({
+                    "format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
+                    "config": config_mod.to_dict(self.cfg), "model": model_sd, "optimizer": opt_sd,
+                    "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                    "rng": rng, "data": data, "world": info.world, "task": task,
+                }, path)
             ckpt_mod.prune(self.run_dir, self.cfg.keep_ckpts)
         dist_mod.barrier(info)
         return path
@@ -315,9 +327,13 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def skipped_total(self) -> dict:
-        counts = torch.tensor([float(self.loader.skipped.get(k, 0)) for k in SKIPPED_KEYS], device=self.device)
+        """Training skips by reason, plus `held_out_<reason>` for the newest evaluation's, over all processes."""
+        held = loader_mod.HELD_OUT_SKIPPED
+        counts = torch.tensor([float(self.loader.skipped.get(k, 0)) for k in SKIPPED_KEYS]
+                              + [float(held.get(k, 0)) for k in SKIPPED_KEYS], device=self.device)
         dist_mod.all_reduce_sum(counts, self.info)
-        return {k: int(v) for k, v in zip(SKIPPED_KEYS, counts.tolist()) if v}
+        names = list(SKIPPED_KEYS) + [f"held_out_{k}" for k in SKIPPED_KEYS]
+        return {k: int(v) for k, v in zip(names, counts.tolist()) if v}
 
     def fit(self) -> dict:
         from train.loop import run_loop
@@ -348,6 +364,32 @@ class Trainer:
         cfg = self.cfg
         return Reporter(self.run_dir, self.info.main, self.total_steps, self.start_step, cfg.progress,
                         cfg.tensorboard)
+
+
+def read_checkpoint(path: str) -> dict:
+    """ckpt_mod.load with a one-line error naming the file (a truncated or foreign file raises deep in torch)."""
+    try:
+        return ckpt_mod.load(path)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zip, pickle, EOF, I/O errors: all mean "cannot read this file"
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+@contextlib.contextmanager
+def model_errors(cfg):
+    """An unknown --model or a --model_kwargs key its constructor does not take: a ConfigError naming it."""
+    try:
+        yield
+    except ValueError as err:
+        if str(err).startswith("unknown model"):
+            raise config_mod.ConfigError(f"--model: {err}") from None
+        raise
+    except TypeError as err:
+        text = str(err)
+        if "unexpected keyword argument" in text or "multiple values for" in text:
+            raise config_mod.ConfigError(f"--model_kwargs {cfg.model_kwargs}: {text} (model {cfg.model})") from None
+        raise
 
 
 def _fsdp_no_sync(model: nn.Module):

@@ -36,6 +36,11 @@ def _metaclip(args: argparse.Namespace) -> int:
     except ValueError as err:  # bad input: say what, no traceback
         print(f"kfe curate metaclip: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only --out: the path, no traceback
+        from train.cli_train import os_error
+
+        print(f"kfe curate metaclip: error: {os_error(err)}", file=sys.stderr)
+        return 1
     if summary.get("kept") is not None:  # rank 0
         brief = {k: summary[k] for k in ("pool_size", "matched", "kept", "t", "seed", "shards", "timings_s")}
         print(json.dumps(brief, indent=1))
