@@ -152,7 +152,10 @@ def export_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     """`kfe bench recipe NAME ...` / `kfe bench model NAME ...`: the names after them are recipes / models."""
     from engine import cli as engine_cli
+    from train import threads
 
+    # recipes are timed on their shapes presets (1 thread); models and ops by cores / local processes
+    print(f"kfe bench: {threads.apply(args.threads, args.suites[:1] == ['recipe'])}", file=sys.stderr)
     if args.suites[:1] == ["recipe"]:
         args.recipes, args.suites = args.suites[1:], ["recipe"]
     elif args.suites[:1] == ["model"]:
@@ -170,6 +173,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.set_defaults(func=export_command)
     sub.choices["bench"].set_defaults(func=bench_command)
+    sub.choices["bench"].add_argument("--threads", type=int, default=0,
+                                      help="torch CPU threads (0 = auto: 1 for recipes on shapes, else cores / "
+                                           "local processes)")
     sub.choices["bench"].description += (" `kfe bench recipe NAME` times a training recipe: training and "
                                          "data-loader images/s. `kfe bench model NAME` times a model's "
                                          "training step: eager vs compiled, channels-last, timm.")

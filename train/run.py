@@ -63,7 +63,7 @@ def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
             start = f"resuming at step {trainer.start_step}" if trainer.start_step else "starting"
             print(f"{start}: {trainer.total_steps} steps of {cfg.batch_size} images "
                   f"({trainer.local_batch} per process x {cfg.accum_steps} accumulation), lr {trainer.lr:.3g}, "
-                  f"warmup {trainer.warmup}", flush=True)
+                  f"warmup {trainer.warmup} | {trainer.threads_note}", flush=True)
         return run_loop(trainer)
     finally:
         dist_mod.shutdown()

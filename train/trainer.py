@@ -21,6 +21,7 @@ from torch import nn
 from train import checkpoint as ckpt_mod
 from train import config as config_mod
 from train import dist as dist_mod
+from train import threads as threads_mod
 from train.data import Loader, kind_of, normalize
 from train.data import loader as loader_mod
 from train.data.loader import StopRequested
@@ -96,8 +97,7 @@ class Trainer:
 
     def setup(self, checkpoints: bool = True) -> None:
         cfg, info = self.cfg, self.info
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        self.threads_note = threads_mod.apply(cfg.threads, kind_of(cfg.data) == "shapes")
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

@@ -4,7 +4,20 @@ import stat
 
 from tests.train.util import TINY, write_shards
 from train.run import export_checkpoint, resolve_config, train
+from train import threads
 from train.sample import default_out
+
+
+def test_one_thread_rule(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert threads.resolve(0, shapes=True) == (1, "shapes data: 1 per process")
+    assert threads.resolve(0, shapes=False)[0] == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert threads.resolve(0, shapes=False) == (4, "16 cores / 4 local process(es)")
+    assert threads.resolve(3, shapes=False) == (3, "--threads")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert threads.resolve(0, shapes=False)[0] == 1
 
 
 def test_held_out_skips_are_counted_and_exports_get_the_usual_mode(tmp_path, capsys):
@@ -18,6 +31,7 @@ def test_held_out_skips_are_counted_and_exports_get_the_usual_mode(tmp_path, cap
     assert summary["eval"]["n"] == 6
     out = capsys.readouterr().out
     assert "skipped samples 0 (+2 held-out)" in out.strip().splitlines()[-1]
+    assert f"threads {threads.cores()} ({threads.cores()} cores / 1 local process(es))" in out  # printed at start
 
     umask = os.umask(0o022)
     try:

@@ -72,7 +72,8 @@ class TrainConfig:
     dist: Literal["ddp", "fsdp"] = opt("ddp", "data parallel: DDP, or FSDP2 fully_shard for large models")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns; slower)")
     seed: int = opt(0, "seed of the model init, data order and augmentation")
-    threads: int = opt(0, "torch CPU threads per process (0 = torch's default)")
+    threads: int = opt(0, "torch CPU threads per process (0 = auto: 1 on shapes data, else cores / local "
+                          "processes; see train/threads.py)")
     # outputs
     out: str = opt("", "run directory (default runs/<recipe>-<data>)")
     resume: str = opt("", "'' = fresh run, 'auto' = newest checkpoint in `out`, or a checkpoint path")
