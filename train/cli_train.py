@@ -160,7 +160,22 @@ def bench_command(args: argparse.Namespace) -> int:
         args.recipes, args.suites = args.suites[1:], ["recipe"]
     elif args.suites[:1] == ["model"]:
         args.models, args.suites = args.suites[1:], ["model"]
-    return engine_cli.bench(args)
+    if not args.profile:
+        return engine_cli.bench(args)
+    import os
+
+    import torch
+    from torch.profiler import profile
+
+    from train import profile as profile_mod
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = os.path.splitext(args.json)[0] + ".trace.json" if args.json else "bench-trace.json"
+    with profile(activities=profile_mod.activities(device)) as prof:
+        status = engine_cli.bench(args)
+    prof.export_chrome_trace(path)
+    print(f"profile: trace {path} (open in ui.perfetto.dev)\n{profile_mod.table(prof, device)}")
+    return status
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -173,6 +188,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.set_defaults(func=export_command)
     sub.choices["bench"].set_defaults(func=bench_command)
+    sub.choices["bench"].add_argument("--profile", action="store_true",
+                                      help="record the whole benchmark with torch.profiler: bench-trace.json (or "
+                                           "<--json stem>.trace.json) and the top ops by self time")
     sub.choices["bench"].add_argument("--threads", type=int, default=0,
                                       help="torch CPU threads (0 = auto: 1 for recipes on shapes, else cores / "
                                            "local processes)")

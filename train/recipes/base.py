@@ -84,6 +84,8 @@ class TrainConfig:
     eval_batch_size: int = opt(256, "per-rank batch size for evaluation")
     progress: bool = opt(True, "tqdm progress bar")
     tensorboard: bool = opt(False, "also log to <out>/tb (needs the tensorboard package)")
+    profile: int = opt(0, "record this many steps (after one warm-up step) with torch.profiler: "
+                          "<out>/trace-rank<r>.json + the top ops by self time (0 = off)")
 
 
 @dataclass
