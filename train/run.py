@@ -55,6 +55,7 @@ def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
         trainer.setup()
         if info.main:
             os.makedirs(trainer.run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing
+            text = config_mod.to_toml(config_mod.to_sections(cfg))  # as setup resolved it (dit's latent_scale)
             with open(os.path.join(trainer.run_dir, "config.toml"), "w") as f:
                 f.write(f"# kfe train {recipe_name} (preset {preset}); rerun with --config this-file\n" + text)
             for name, content in trainer.task.run_files.items():
