@@ -9,7 +9,7 @@ import time
 import torch
 
 from train import dist as dist_mod
-from train.checkpoint import list_checkpoints, path_for
+from train.checkpoint import list_checkpoints
 from train.data.loader import StopRequested
 
 
@@ -133,7 +133,7 @@ def run_loop(t) -> dict:
         if metrics:
             rep.write({"kind": "eval", "step": step, **metrics})
         if waiting is None:
-            path = t.save(step) if saved_at != step else path_for(t.run_dir, step)
+            path = t.save(step) if saved_at != step else list_checkpoints(t.run_dir)[-1][1]
     except BaseException:
         rep.close()
         raise

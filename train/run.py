@@ -71,19 +71,28 @@ def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
 
 
 def _checkpoint_path(path: str) -> str:
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.normpath(path).endswith(".dcp"):  # a run directory
         found = ckpt_mod.find_resume(path, "auto")
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {path!r}")
         return found
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint {path!r}")
     return path
 
 
+def _with_model(ckpt: dict) -> dict:
+    """A sharded (.dcp) checkpoint's full model state, read from its shards."""
+    if "dcp" in ckpt:
+        from train import dcp
+
+        ckpt["model"] = dcp.full_model_state(ckpt["dcp"])
+    return ckpt
+
+
 def load_for_eval(path: str, overrides: list[str] | None = None, ema: bool = False):
     """(recipe, cfg, data, task, module on its device, prepare) rebuilt from a checkpoint."""
-    ckpt = read_checkpoint(_checkpoint_path(path))
+    ckpt = _with_model(read_checkpoint(_checkpoint_path(path)))
     recipe = get(ckpt["recipe"])
     cfg = config_mod.from_dict(recipe.config, ckpt["config"])
     config_mod.apply_mapping(cfg, config_mod.parse_overrides(recipe.config, overrides or []), "command line")
@@ -148,7 +157,7 @@ def evaluate_checkpoint(path: str, probe: str = "top1", ema: bool = False, overr
 
 
 def export_checkpoint(path: str, out: str, ema: bool = False) -> dict:
-    ckpt = read_checkpoint(_checkpoint_path(path))
+    ckpt = _with_model(read_checkpoint(_checkpoint_path(path)))
     from train.metrics import naming
 
     with naming(out):

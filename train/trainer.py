@@ -21,6 +21,7 @@ from torch import nn
 from train import checkpoint as ckpt_mod
 from train import config as config_mod
 from train import dist as dist_mod
+from train import dcp as dcp_mod
 from train import threads as threads_mod
 from train.data import Loader, kind_of, normalize
 from train.data import loader as loader_mod
@@ -28,7 +29,7 @@ from train.data.loader import StopRequested
 from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, naming, peak_flops
 from train.optim import EMA, adamw, param_groups, scheduler
 from train.recipes.base import Recipe, TrainConfig
-from train.wrap import load_wrapped_state, unsharded, unwrap_state, wrap_model
+from train.wrap import load_wrapped_state, unsharded, wrap_model
 
 
 def default_run_dir(recipe: str, cfg: TrainConfig) -> str:
@@ -121,11 +122,11 @@ class Trainer:
         state = read_checkpoint(resume) if resume else None
         if state is not None:
             self._restore_task(state)
-        if state is not None and not self.sharded:
+        if state is not None and not self.sharded and "dcp" not in state:
             self.module.load_state_dict(state["model"])
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema else None
         self.model = wrap_model(self.module, cfg, info, self.task.shard_units)
-        if state is not None and self.sharded:
+        if state is not None and self.sharded and "dcp" not in state:
             load_wrapped_state(self.module, state["model"], info)
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
         self.lr = cfg.lr if cfg.lr > 0 else cfg.blr * cfg.batch_size / 256
@@ -145,6 +146,7 @@ class Trainer:
         if info.main:
             if os.path.isdir(self.run_dir):
                 ckpt_mod.remove_stale_temporaries(self.run_dir)
+                dcp_mod.remove_stale(self.run_dir)
             try:
                 path = ckpt_mod.find_resume(self.run_dir, cfg.resume)
             except FileNotFoundError as err:
@@ -153,6 +155,11 @@ class Trainer:
             if not cfg.resume and found:
                 error = (f"{self.run_dir} already holds checkpoints: pass --resume auto to continue that run, "
                          "or --out DIR for a new one")
+            elif path is not None and os.path.isdir(path) and cfg.resume != "auto":
+                try:
+                    dcp_mod.check_own(path, self.run_dir)
+                except ValueError as err:
+                    error = str(err)
             elif cfg.resume == "auto" and path is None and found:  # never start over and overwrite them
                 error = (f"--resume auto: none of the {len(found)} checkpoint(s) in {self.run_dir} is readable "
                          f"(newest: {found[-1][1]}); move them away to start afresh, or resume from a file "
@@ -206,7 +213,9 @@ class Trainer:
         if diff:
             warnings.warn(f"resuming {path} with changed config keys {diff}: the run will not match an "
                           "uninterrupted one exactly")
-        if self.sharded:
+        if "dcp" in state:  # sharded: model and optimizer from the shards, in this run's layout
+            dcp_mod.load_into(state["dcp"], self.module, self.optimizer)
+        elif self.sharded:
             from train.wrap import load_optimizer_state
             load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         else:
@@ -309,8 +318,17 @@ class Trainer:
         rng = dist_mod.all_gather_objects(ckpt_mod.rng_state(), info)
         data = dist_mod.all_gather_objects(self.loader.state_dict(), info)
         task = dist_mod.all_gather_objects(self.task.state_dict(), info) if self.task.state_dict else None
-        model_sd = unwrap_state(self.module, info) if self.sharded else self.module.state_dict()
-        opt_sd = optimizer_state(self.module, self.optimizer, "fsdp" if self.sharded else "ddp")
+        if self.sharded:  # each rank writes its shards (train/dcp.py); nothing is gathered
+            meta = {"format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
+                    "config": config_mod.to_dict(self.cfg), "scheduler": self.scheduler.state_dict(), "ema": None,
+                    "rng": rng, "data": data, "world": info.world, "task": task}
+            path = dcp_mod.save(self.run_dir, step, self.module, self.optimizer, meta, info)
+            if info.main:
+                ckpt_mod.prune(self.run_dir, self.cfg.keep_ckpts)
+            dist_mod.barrier(info)
+            return path
+        model_sd = self.module.state_dict()
+        opt_sd = optimizer_state(self.module, self.optimizer, "ddp")
         path = ckpt_mod.path_for(self.run_dir, step)
         if info.main:
             with naming(path):
