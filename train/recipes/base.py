@@ -68,6 +68,9 @@ class TrainConfig:
     device: str = opt("auto", "auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
     compile: bool = opt(False, "torch.compile the model")
+    compile_blocks: bool = opt(False, "torch.compile each block in place (composes with FSDP2; instead of --compile)")
+    act_ckpt: bool = opt(False, "activation checkpointing per block: recompute in the backward, keep only each "
+                                "block's input")
     channels_last: bool = opt(True, "channels-last memory format (for conv nets)")
     dist: Literal["ddp", "fsdp"] = opt("ddp", "data parallel: DDP, or FSDP2 fully_shard for large models")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns; slower)")
