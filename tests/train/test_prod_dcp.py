@@ -76,6 +76,9 @@ def test_sigkill_then_resume_on_two_and_one_process(tmp_path):
     proc.wait()
     time.sleep(1)
     assert not os.path.exists(os.path.join(cut, "ckpt-00000006.dcp"))
+    partial = os.path.join(cut, ".ckpt-00000006.dcp.tmp")  # what a kill during a save leaves: never read
+    os.makedirs(partial, exist_ok=True)
+    open(os.path.join(partial, "__0_0.distcp"), "wb").write(b"half a shard")
     one = str(tmp_path / "one")
     shutil.copytree(cut, one)
 
@@ -84,6 +87,7 @@ def test_sigkill_then_resume_on_two_and_one_process(tmp_path):
     expected = _losses(ref)
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert _losses(cut) == expected  # same world size: bit-exact
+    assert not os.path.exists(partial)  # removed at the start
 
     r = _run(1, one, "--resume", "auto")
     assert "resuming at step 4" in r.stdout
