@@ -49,20 +49,58 @@ def _fsync_tree(path: str) -> None:
         os.close(fd)
 
 
-def save(run_dir: str, step: int, module, optimizer, meta: dict, info) -> str:
-    """Collective: every rank writes its shards; rank 0 the metadata, then the rename that commits it."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+class Saver:
+    """Collective saves of one run. async_save: the shards are copied to CPU memory, then written by a
+    background thread (over a gloo group of its own, apart from training's collectives) while training
+    goes on; the checkpoint is committed (metadata + rename) at the next save or at `wait()`, so an
+    unfinished one never counts."""
 
-    final = path_for(run_dir, step)
-    tmp = os.path.join(run_dir, f".{os.path.basename(final)}.tmp")
-    if info.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(module, optimizer)  # this rank's shards (DTensors), no gathering
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+    def __init__(self, info, async_save: bool = False):
+        import torch.distributed as dist
+
+        self.info, self.pending = info, None
+        self.group = dist.new_group(backend="gloo") if async_save else None
+
+    def save(self, run_dir: str, step: int, module, optimizer, meta: dict, on_commit=None) -> str:
+        """Every rank writes its shards; rank 0 the metadata, then the rename that commits it."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()
+        final = path_for(run_dir, step)
+        tmp = os.path.join(run_dir, f".{os.path.basename(final)}.tmp")
+        if self.info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(module, optimizer)  # this rank's shards (DTensors), no gathering
+        state = {"model": model_sd, "optimizer": optim_sd}
+        if self.group is not None:
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+            self.pending = (future, tmp, final, run_dir, meta, on_commit)
+        else:
+            dcp.save(state, checkpoint_id=tmp)
+            _commit(tmp, final, run_dir, meta, self.info)
+            if on_commit is not None:
+                on_commit()
+        return final
+
+    def wait(self) -> None:
+        """Finish and commit the save in flight (collective)."""
+        if self.pending is None:
+            return
+        future, tmp, final, run_dir, meta, on_commit = self.pending
+        self.pending = None
+        future.result()
+        _commit(tmp, final, run_dir, meta, self.info)
+        if on_commit is not None:
+            on_commit()
+
+
+def _commit(tmp: str, final: str, run_dir: str, meta: dict, info) -> None:
+    import torch.distributed as dist
+
     dist.barrier()  # every rank's shards are written
     if info.main:
         torch.save(meta, os.path.join(tmp, META))
@@ -76,7 +114,6 @@ def save(run_dir: str, step: int, module, optimizer, meta: dict, info) -> str:
         finally:
             os.close(fd)
     dist.barrier()
-    return final
 
 
 def read_meta(path: str) -> dict:

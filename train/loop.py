@@ -133,7 +133,10 @@ def run_loop(t) -> dict:
         if metrics:
             rep.write({"kind": "eval", "step": step, **metrics})
         if waiting is None:
-            path = t.save(step) if saved_at != step else list_checkpoints(t.run_dir)[-1][1]
+            path = t.save(step) if saved_at != step else None
+        t.finish_saves()
+        if waiting is None and path is None:
+            path = list_checkpoints(t.run_dir)[-1][1]
     except BaseException:
         rep.close()
         raise

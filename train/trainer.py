@@ -92,6 +92,7 @@ class Trainer:
         self.device = self.info.device
         self.run_dir = run_dir or default_run_dir(recipe.name, cfg)
         self.stop = False
+        self.saver = None  # sharded checkpoints (train/dcp.py), made at the first save
         self.interruptible = False  # waiting for the first micro-batch of a step, on one process
 
     # ------------------------------------------------------------ setup
@@ -322,11 +323,10 @@ class Trainer:
             meta = {"format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
                     "config": config_mod.to_dict(self.cfg), "scheduler": self.scheduler.state_dict(), "ema": None,
                     "rng": rng, "data": data, "world": info.world, "task": task}
-            path = dcp_mod.save(self.run_dir, step, self.module, self.optimizer, meta, info)
-            if info.main:
-                ckpt_mod.prune(self.run_dir, self.cfg.keep_ckpts)
-            dist_mod.barrier(info)
-            return path
+            if self.saver is None:
+                self.saver = dcp_mod.Saver(info, self.cfg.async_ckpt)
+            prune = (lambda: ckpt_mod.prune(self.run_dir, self.cfg.keep_ckpts)) if info.main else None
+            return self.saver.save(self.run_dir, step, self.module, self.optimizer, meta, prune)
         model_sd = self.module.state_dict()
         opt_sd = optimizer_state(self.module, self.optimizer, "ddp")
         path = ckpt_mod.path_for(self.run_dir, step)
@@ -343,6 +343,11 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------ the loop
+
+    def finish_saves(self) -> None:
+        """Commit a checkpoint still being written in the background (--async_ckpt)."""
+        if self.saver is not None:
+            self.saver.wait()
 
     def skipped_total(self) -> dict:
         """Training skips by reason, plus `held_out_<reason>` for the newest evaluation's, over all processes."""

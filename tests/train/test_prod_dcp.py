@@ -1,6 +1,6 @@
 """Sharded FSDP2 checkpoints (torch.distributed.checkpoint): a 2-process gloo run is SIGKILLed, then
 resumed on 2 processes (the same losses, bit for bit) and on 1 (within 1e-5 relative); kfe export
-turns the shards into a plain state dict."""
+turns the shards into a plain state dict. The reference run saves asynchronously (--async_ckpt)."""
 import os
 import shutil
 import signal
@@ -60,7 +60,7 @@ def _losses(out: str) -> dict[int, float]:
 @pytest.mark.slow  # 4 launches of 2 (or 1) gloo processes: ~40 s alone, ~90 s on the loaded 2-core machine
 def test_sigkill_then_resume_on_two_and_one_process(tmp_path):
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-    _run(2, ref)
+    _run(2, ref, "--async_ckpt", "true")  # written in the background; the resumed runs below save synchronously
     assert sorted(n for n in os.listdir(ref) if n.startswith("ckpt-")) == [
         "ckpt-00000002.dcp", "ckpt-00000004.dcp", "ckpt-00000006.dcp"]
     shards = sorted(os.listdir(os.path.join(ref, "ckpt-00000006.dcp")))

@@ -73,6 +73,8 @@ class TrainConfig:
                                 "block's input")
     channels_last: bool = opt(True, "channels-last memory format (for conv nets)")
     dist: Literal["ddp", "fsdp"] = opt("ddp", "data parallel: DDP, or FSDP2 fully_shard for large models")
+    async_ckpt: bool = opt(False, "FSDP2: write sharded checkpoints in the background (committed at the next "
+                                  "save or the end)")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns; slower)")
     seed: int = opt(0, "seed of the model init, data order and augmentation")
     threads: int = opt(0, "torch CPU threads per process (0 = auto: 1 on shapes data, else cores / local "
