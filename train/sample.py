@@ -74,7 +74,16 @@ def _class_names(cfg) -> list[str] | None:
 CAUGHT_UP = 0.05  # the EMA is used once the initialisation's share in it is below this (step > 3 / (1 - decay))
 
 
-def choose_ema(has_ema: bool, decay: float, step: int, ema: bool | None) -> bool:
+def init_share(decay: float, step: int, warmup: bool = False) -> float:
+    """What is left of the random initialisation in the EMA after `step` updates."""
+    if warmup:
+        from train.optim import ema_decay_at
+
+        return math.prod(ema_decay_at(decay, s) for s in range(1, step + 1))
+    return decay ** step
+
+
+def choose_ema(has_ema: bool, decay: float, step: int, ema: bool | None, warmup: bool = False) -> bool:
     """ema None = auto. Warns when the EMA has not caught up with training (whichever is used)."""
     import warnings
 
@@ -82,7 +91,7 @@ def choose_ema(has_ema: bool, decay: float, step: int, ema: bool | None) -> bool
         if ema:
             warnings.warn("the checkpoint has no EMA weights (the run had ema = false): using the raw weights")
         return False
-    share = decay ** step  # what is left of the random initialisation in the EMA
+    share = init_share(decay, step, warmup)
     if share < CAUGHT_UP or ema is False:
         return bool(ema is not False)
     caught = f"step {step}: {share:.0%} of the EMA (decay {decay}) is still the random initialisation"
@@ -105,7 +114,7 @@ def load_model(path: str, ema: bool | None = None, device: str | torch.device = 
     if ckpt["recipe"] != "dit":
         raise ValueError(f"{path} is a {ckpt['recipe']!r} checkpoint, not a dit one")
     cfg = config_mod.from_dict(dit.DiTConfig, ckpt["config"])
-    used_ema = choose_ema(ckpt.get("ema") is not None, cfg.ema_decay, ckpt["step"], ema)
+    used_ema = choose_ema(ckpt.get("ema") is not None, cfg.ema_decay, ckpt["step"], ema, cfg.ema_warmup)
     sd = ckpt_mod.clean_state_dict(ckpt["ema"] if used_ema else ckpt["model"])
     w = sd["x_embedder.proj.weight"]                             # (hidden, C, p, p)
     channels, patch = w.shape[1], w.shape[2]

@@ -125,7 +125,7 @@ class Trainer:
             self._restore_task(state)
         if state is not None and not self.sharded and "dcp" not in state:
             self.module.load_state_dict(state["model"])
-        self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema else None
+        self.ema = EMA(self.module, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
         self.model = wrap_model(self.module, cfg, info, self.task.shard_units)
         if state is not None and self.sharded and "dcp" not in state:
             load_wrapped_state(self.module, state["model"], info)
@@ -290,7 +290,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.module)
+            self.ema.update(self.module, step + 1)
         return {"loss": loss_sum / accum, "grad_norm": grad_norm.detach().float(), "images": images,
                 "data_time": data_time}
 

@@ -95,3 +95,24 @@ def test_shards_without_a_recorded_scale_use_sd_vae_with_a_warning_and_disagreei
     with pytest.warns(UserWarning, match="overrides"):
         resolve_latent_scale(cfg, 0.18215)
     assert cfg.latent_scale == 0.5
+
+
+def test_ema_warmup_matches_timm_model_ema_v3():
+    from timm.utils import ModelEmaV3
+
+    from train.optim import EMA
+    from train.sample import init_share
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ours, timm = EMA(net, 0.999, warmup=True), ModelEmaV3(net, decay=0.999, use_warmup=True)
+    for step in range(1, 31):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(net, step)
+        timm.update(net, step)
+        for k, v in timm.module.state_dict().items():
+            torch.testing.assert_close(ours.module.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=f"{step} {k}")
+    assert init_share(0.999, 30, warmup=True) == 0.0 and init_share(0.999, 30) == pytest.approx(0.999 ** 30)
+    assert choose_ema(True, 0.9999, 100, None, warmup=True) is True  # warmed up: the EMA, no warning

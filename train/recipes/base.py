@@ -64,6 +64,7 @@ class TrainConfig:
     clip_grad: float = opt(0.0, "max global grad norm (0 = no clipping; the norm is logged anyway)")
     ema: bool = opt(False, "keep an EMA of the weights (evaluated and checkpointed too)")
     ema_decay: float = opt(0.9999, "EMA decay per step")
+    ema_warmup: bool = opt(False, "EMA decay warm-up as timm's ModelEmaV3 (1 - (1 + step) ** -2/3, up to ema_decay)")
     # launch
     device: str = opt("auto", "auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
