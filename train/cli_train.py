@@ -64,7 +64,9 @@ def _pop(argv: list[str], flag: str) -> str | None:
 def os_error(err: OSError) -> str:
     """One line naming the path: '[Errno 28] No space left on device: runs/x/ckpt-00000010.pt'."""
     where = err.filename or getattr(err, "kfe_path", None)
-    text = f"{err.strerror or err}" + (f": {where}" + (f" -> {err.filename2}" if err.filename2 else "") if where else "")
+    text = f"{err.strerror or err}"
+    if where:
+        text += f": {where}" + (f" -> {err.filename2}" if err.filename2 else "")
     return text.replace("\n", " ")
 
 

@@ -396,7 +396,8 @@ def read_checkpoint(path: str) -> dict:
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - zip, pickle, EOF, I/O errors: all mean "cannot read this file"
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {first}") from None
 
 
 @contextlib.contextmanager

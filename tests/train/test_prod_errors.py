@@ -91,8 +91,9 @@ def test_a_full_disk_in_curation_is_one_line_and_leaves_no_temporary(tmp_path):
     shards = pools.jsonl_pool(str(tmp_path / "pool"), texts, n_shards=3)
     (tmp_path / "meta.json").write_text(json.dumps(entries))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "train.cli", "curate", "metaclip", "--metadata", str(tmp_path / "meta.json"),
-                        "--pool", *shards, "--out", str(out), "--workers", "1", "--quiet"], env=env(), cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "train.cli", "curate", "metaclip", "--metadata",
+                        str(tmp_path / "meta.json"), "--pool", *shards, "--out", str(out), "--workers", "1", "--quiet"],
+                       env=env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=240, preexec_fn=_small_disk(1500))
     _error_line(r, "File too large", str(out))
     assert _temporaries(out) == []
