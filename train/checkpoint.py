@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-_NAME = re.compile(r"ckpt-(\d{8})\.pt$")
+_NAME = re.compile(r"ckpt-(\d{8})\.(pt|dcp)$")  # .dcp: an FSDP2 run's sharded checkpoint (train/dcp.py)
 FORMAT_VERSION = 1
 
 
@@ -28,7 +28,7 @@ def path_for(run_dir: str, step: int) -> str:
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the finished checkpoints in a run directory, oldest first."""
     out = []
-    for p in glob.glob(os.path.join(run_dir, "ckpt-*.pt")):
+    for p in glob.glob(os.path.join(run_dir, "ckpt-*")):
         m = _NAME.search(os.path.basename(p))
         if m:
             out.append((int(m.group(1)), p))
@@ -68,10 +68,17 @@ def prune(run_dir: str, keep: int) -> None:
     if keep <= 0:
         return
     for _, p in list_checkpoints(run_dir)[:-keep]:
-        os.remove(p)
+        if os.path.isdir(p):  # sharded (.dcp)
+            import shutil
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
 
 
 def load(path: str) -> dict:
+    if os.path.isdir(path):  # a sharded checkpoint: its metadata; the tensors stay in the shards
+        from train import dcp
+        return dcp.read_meta(path)
     # weights_only=False: our own files hold numpy RNG states and plain python objects.
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
@@ -84,7 +91,7 @@ def find_resume(run_dir: str, resume: str) -> str | None:
     if not resume:
         return None
     if resume != "auto":
-        if not os.path.isfile(resume):
+        if not os.path.exists(resume):
             raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
         return resume
     for step, p in reversed(list_checkpoints(run_dir)):

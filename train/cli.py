@@ -7,7 +7,8 @@
     kfe train supervised       train a recipe (kfe train --help; kfe train supervised --help)
     kfe eval RUN_OR_CKPT       held-out top-1 (or --probe knn|linear) of a checkpoint
     kfe eval RUN --zeroshot D  zero-shot top-1/top-5 (ImageFolder, labelled shards or JSON; 80 templates)
-    kfe sample dit --ckpt RUN  draw a PNG grid of class-conditional DiT samples (CFG, DDPM/DDIM)
+    kfe sample dit --ckpt RUN  draw a PNG grid of class-conditional DiT samples (CFG, DDPM/DDIM; --vae DIR)
+    kfe latents encode --vae DIR --data IMAGES --out DIR   VAE latent shards for kfe train dit
     kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
     kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train import pseudo_bow
 
     pseudo_bow.add_subcommand(sub)
+    from train import latents as latents_cli
+
+    latents_cli.add_subcommands(sub)
     return parser
 
 

@@ -61,6 +61,15 @@ def _pop(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def os_error(err: OSError) -> str:
+    """One line naming the path: '[Errno 28] No space left on device: runs/x/ckpt-00000010.pt'."""
+    where = err.filename or getattr(err, "kfe_path", None)
+    text = f"{err.strerror or err}"
+    if where:
+        text += f": {where}" + (f" -> {err.filename2}" if err.filename2 else "")
+    return text.replace("\n", " ")
+
+
 def train_command(argv: list[str]) -> int:
     from train.config import ConfigError
     from train.data import DataError
@@ -85,6 +94,14 @@ def train_command(argv: list[str]) -> int:
     except (ConfigError, DataError) as err:
         print(f"kfe train {name}: error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        if not str(err).startswith("cannot read checkpoint"):
+            raise
+        print(f"kfe train {name}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only or missing --out, unreadable files: the path, no traceback
+        print(f"kfe train {name}: error: {os_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -122,25 +139,53 @@ def eval_command(argv: list[str]) -> int:
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"kfe eval: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"kfe eval: error: {os_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def export_command(args: argparse.Namespace) -> int:
     from train.run import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out, args.ema)
+    try:
+        export_checkpoint(args.checkpoint, args.out, args.ema)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kfe export: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"kfe export: error: {os_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def bench_command(args: argparse.Namespace) -> int:
     """`kfe bench recipe NAME ...` / `kfe bench model NAME ...`: the names after them are recipes / models."""
     from engine import cli as engine_cli
+    from train import threads
 
+    # recipes are timed on their shapes presets (1 thread); models and ops by cores / local processes
+    print(f"kfe bench: {threads.apply(args.threads, args.suites[:1] == ['recipe'])}", file=sys.stderr)
     if args.suites[:1] == ["recipe"]:
         args.recipes, args.suites = args.suites[1:], ["recipe"]
     elif args.suites[:1] == ["model"]:
         args.models, args.suites = args.suites[1:], ["model"]
-    return engine_cli.bench(args)
+    if not args.profile:
+        return engine_cli.bench(args)
+    import os
+
+    import torch
+    from torch.profiler import profile
+
+    from train import profile as profile_mod
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = os.path.splitext(args.json)[0] + ".trace.json" if args.json else "bench-trace.json"
+    with profile(activities=profile_mod.activities(device)) as prof:
+        status = engine_cli.bench(args)
+    prof.export_chrome_trace(path)
+    print(f"profile: trace {path} (open in ui.perfetto.dev)\n{profile_mod.table(prof, device)}")
+    return status
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -153,6 +198,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.set_defaults(func=export_command)
     sub.choices["bench"].set_defaults(func=bench_command)
+    sub.choices["bench"].add_argument("--profile", action="store_true",
+                                      help="record the whole benchmark with torch.profiler: bench-trace.json (or "
+                                           "<--json stem>.trace.json) and the top ops by self time")
+    sub.choices["bench"].add_argument("--threads", type=int, default=0,
+                                      help="torch CPU threads (0 = auto: 1 for recipes on shapes, else cores / "
+                                           "local processes)")
     sub.choices["bench"].description += (" `kfe bench recipe NAME` times a training recipe: training and "
                                          "data-loader images/s. `kfe bench model NAME` times a model's "
                                          "training step: eager vs compiled, channels-last, timm.")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import torch
 
 from train import dist as dist_mod
-from train.checkpoint import list_checkpoints, path_for
+from train.checkpoint import list_checkpoints
 from train.data.loader import StopRequested
 
 
@@ -42,6 +43,7 @@ def _record(t, step: int, acc: _Interval, lr: float) -> dict:
     skipped = t.skipped_total()
     rec = {"kind": "train", "step": step, "epoch": t.loader.epoch(), "loss": loss / (n * info.world),
            "lr": lr, "grad_norm": grad_norm / (n * info.world), "images_per_s": images / wall,
+           "images_per_s_per_device": images / wall / info.world,
            "step_time_s": wall / n, "data_time_s": acc.data_time / n, "data_frac": acc.data_time / wall,
            "skipped": skipped, "skipped_total": sum(skipped.values()), "mem_gb": t.memory()}
     flops, peak = t.flops()
@@ -75,6 +77,12 @@ def run_loop(t) -> dict:
     session_start, session_images = time.perf_counter(), 0
     acc, rec, saved_at, stopped, waiting = _Interval(t.device), {}, None, False, None
     t.module.train()
+    prof = None
+    if cfg.profile > 0:
+        from train.profile import StepProfiler
+
+        os.makedirs(t.run_dir, exist_ok=True)
+        prof = StepProfiler(cfg.profile, t.run_dir, t.info.rank, t.info.main, t.device, rep.print)
     try:
         while step < t.total_steps:
             lr = t.optimizer.param_groups[0]["lr"]
@@ -84,6 +92,8 @@ def run_loop(t) -> dict:
                 waiting = stop
                 break
             step += 1
+            if prof is not None:
+                prof.step()
             acc.add(out)
             session_images += out["images"]
             last = step == t.total_steps
@@ -94,7 +104,8 @@ def run_loop(t) -> dict:
                                              f"checkpoint is in {t.run_dir})")
                 rep.write(rec)
                 rep.advance(acc.steps, {"loss": f"{rec['loss']:.4f}", "img/s": f"{rec['images_per_s']:.0f}",
-                                        "lr": f"{lr:.2e}"})
+                                        "img/s/dev": f"{rec['images_per_s_per_device']:.0f}", "lr": f"{lr:.2e}",
+                                        **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {})})
                 stopped = _stop_everywhere(t)
                 acc.reset()
             paused = time.perf_counter()
@@ -122,12 +133,17 @@ def run_loop(t) -> dict:
         if metrics:
             rep.write({"kind": "eval", "step": step, **metrics})
         if waiting is None:
-            path = t.save(step) if saved_at != step else path_for(t.run_dir, step)
+            path = t.save(step) if saved_at != step else None
+        t.finish_saves()
+        if waiting is None and path is None:
+            path = list_checkpoints(t.run_dir)[-1][1]
     except BaseException:
         rep.close()
         raise
     finally:
         restore_signals()  # an in-process caller's SIGTERM handling is its own again
+        if prof is not None:
+            prof.close()
     wall = time.perf_counter() - session_start
     skipped = t.skipped_total()
     summary = {"kind": "summary", "recipe": t.recipe.name, "step": step, "total_steps": t.total_steps,
@@ -137,8 +153,11 @@ def run_loop(t) -> dict:
                "run_dir": t.run_dir}
     rep.write(summary)
     loss = f"{rec['loss']:.4f}" if rec else "n/a"
+    rep.close_bar()  # first: tqdm would redraw the bar under the final line
+    held = sum(v for k, v in skipped.items() if k.startswith("held_out_"))
     rep.print(f"kfe train {t.recipe.name}: {'stopped' if stopped else 'done'} at step {step}/{t.total_steps} "
               f"({step - start_step} this session) in {wall:.0f}s | {summary['images_per_s']:.0f} img/s | "
-              f"loss {loss} | {_describe(t, metrics)} | skipped samples {sum(skipped.values())} | {path}")
+              f"loss {loss} | {_describe(t, metrics)} | skipped samples {sum(skipped.values()) - held}"
+              f"{f' (+{held} held-out)' if held else ''} | {path}")
     rep.close()
     return summary

@@ -11,6 +11,7 @@ run had never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -65,6 +66,23 @@ def read_jsonl(path: str, kind: str | None = None) -> list[dict]:
     return [r for r in recs if kind is None or r.get("kind") == kind]
 
 
+@contextlib.contextmanager
+def naming(path: str):
+    """I/O errors while writing `path` come out as an OSError that names it (torch.save wraps a full disk
+    in a RuntimeError; a line-buffered write raises one without a file name)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), path) from None
+    except RuntimeError as err:
+        cause = err.__context__ or err.__cause__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), path) from None
+        raise
+
+
 class Reporter:
     """Rank-0 sink for progress, JSONL and TensorBoard; a no-op on other ranks."""
 
@@ -95,7 +113,8 @@ class Reporter:
     def write(self, rec: dict) -> None:
         if not self.main:
             return
-        self.file.write(json.dumps(rec) + "\n")
+        with naming(self.path):
+            self.file.write(json.dumps(rec) + "\n")
         if self.tb is not None and "step" in rec:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step" and not isinstance(v, bool):
@@ -115,11 +134,15 @@ class Reporter:
         else:
             print(text, flush=True)
 
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def close(self) -> None:
         if not self.main:
             return
-        if self.bar is not None:
-            self.bar.close()
+        self.close_bar()
         if self.tb is not None:
             self.tb.close()
         self.file.close()

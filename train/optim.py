@@ -52,6 +52,14 @@ def scheduler(opt: torch.optim.Optimizer, total: int, warmup: int, lr: float, mi
     return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total, warmup, min_lr / lr if lr > 0 else 0.0))
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA warm-up as timm's ModelEmaV3 (use_warmup, gamma 1, power 2/3): update `step` (1-based) copies
+    the weights at step 1, then uses min(decay, 1 - (1 + s) ** -2/3), s = step - 1, so a short run's EMA
+    is not mostly its random initialisation."""
+    s = step - 1
+    return 0.0 if s <= 0 else max(min(1.0 - (1.0 + s) ** (-2.0 / 3.0), decay), 0.0)
+
+
 class EMA:
     """Exponential moving average of a model's weights: ema = decay * ema + (1 - decay) * w, every step.
 
@@ -59,19 +67,22 @@ class EMA:
     (evaluated like the model; saved in checkpoints as its state dict).
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).float().eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, step: int | None) -> float:
+        return ema_decay_at(self.decay, step) if self.warmup and step is not None else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
         ema_p = list(self.module.parameters())
         src = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, src, 1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, src, 1.0 - self.decay_at(step))
         for eb, b in zip(self.module.buffers(), model.buffers()):
             eb.copy_(b)
 

@@ -16,7 +16,7 @@ from train import dist as dist_mod
 from train.data import eval_batches, kind_of, open_eval
 from train.eval import features, knn_top1, linear_probe, percent
 from train.recipes.base import get
-from train.trainer import Trainer, prepare_batch, to_channels_last
+from train.trainer import Trainer, model_errors, prepare_batch, read_checkpoint, to_channels_last
 
 
 def resolve_config(recipe_name: str, config_file: str | None = None, preset: str = "auto",
@@ -58,6 +58,8 @@ def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
     try:
         trainer.setup()
         if info.main:
+            os.makedirs(trainer.run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing
+            text = config_mod.to_toml(config_mod.to_sections(cfg))  # as setup resolved it (dit's latent_scale)
             with open(os.path.join(trainer.run_dir, "config.toml"), "w") as f:
                 f.write(f"# kfe train {recipe_name} (preset {preset}); rerun with --config this-file\n" + text)
             for name, content in trainer.task.run_files.items():
@@ -66,32 +68,42 @@ def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
             start = f"resuming at step {trainer.start_step}" if trainer.start_step else "starting"
             print(f"{start}: {trainer.total_steps} steps of {cfg.batch_size} images "
                   f"({trainer.local_batch} per process x {cfg.accum_steps} accumulation), lr {trainer.lr:.3g}, "
-                  f"warmup {trainer.warmup}", flush=True)
+                  f"warmup {trainer.warmup} | {trainer.threads_note}", flush=True)
         return run_loop(trainer)
     finally:
         dist_mod.shutdown()
 
 
 def _checkpoint_path(path: str) -> str:
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.normpath(path).endswith(".dcp"):  # a run directory
         found = ckpt_mod.find_resume(path, "auto")
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {path!r}")
         return found
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint {path!r}")
     return path
 
 
+def _with_model(ckpt: dict) -> dict:
+    """A sharded (.dcp) checkpoint's full model state, read from its shards."""
+    if "dcp" in ckpt:
+        from train import dcp
+
+        ckpt["model"] = dcp.full_model_state(ckpt["dcp"])
+    return ckpt
+
+
 def load_for_eval(path: str, overrides: list[str] | None = None, ema: bool = False):
     """(recipe, cfg, data, task, module on its device, prepare) rebuilt from a checkpoint."""
-    ckpt = ckpt_mod.load(_checkpoint_path(path))
+    ckpt = _with_model(read_checkpoint(_checkpoint_path(path)))
     recipe = get(ckpt["recipe"])
     cfg = config_mod.from_dict(recipe.config, ckpt["config"])
     config_mod.apply_mapping(cfg, config_mod.parse_overrides(recipe.config, overrides or []), "command line")
     info = dist_mod.init(cfg.device)
     data = recipe.build_data(cfg, info)
-    task = recipe.build_task(cfg, data, info)
+    with model_errors(cfg):
+        task = recipe.build_task(cfg, data, info)
     if ema and ckpt.get("ema") is None:
         raise ValueError(f"{path} has no EMA weights")
     if task.load_state_dict is not None and ckpt.get("task"):
@@ -149,7 +161,13 @@ def evaluate_checkpoint(path: str, probe: str = "top1", ema: bool = False, overr
 
 
 def export_checkpoint(path: str, out: str, ema: bool = False) -> dict:
-    ckpt = ckpt_mod.load(_checkpoint_path(path))
-    sd = ckpt_mod.export(ckpt, out, ema, get(ckpt["recipe"]).export)
+    ckpt = _with_model(read_checkpoint(_checkpoint_path(path)))
+    from train.metrics import naming
+
+    with naming(out):
+        sd = ckpt_mod.export(ckpt, out, ema, get(ckpt["recipe"]).export)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o666 & ~umask)  # safetensors writes 0600; an exported file is meant to be shared
     print(f"wrote {len(sd)} tensors ({sum(v.numel() for v in sd.values()) / 1e6:.2f}M values) to {out}")
     return sd

@@ -4,7 +4,10 @@
                    --cfg-scale 4 --classes red,blue|0,3 --per-class 4 --seed 0 --upscale 4]
 
 The model is rebuilt from the checkpoint alone (sizes from the state dict, the rest from the saved
-config); the EMA weights are used when the checkpoint has them (--no-ema for the raw ones).
+config). Weights: the EMA ones once the EMA has caught up, i.e. the initialisation's share in it,
+ema_decay ** step, is below 5% (DiT's 0.9999 needs ~30K steps); before that the raw weights, with a
+warning (a short run's EMA is still mostly the random initialisation: pure noise). `--ema` / `--no-ema`
+force either. `--vae DIR` decodes latent samples to pixels with that diffusers AutoencoderKL.
 Sampling runs on `--steps` evenly spaced timesteps of the training process (iDDPM respacing): DDPM
 ancestral steps with the learned variance, or DDIM (eta 0: deterministic). Guidance follows DiT:
 eps = eps(x | null) + s (eps(x | y) - eps(x | null)) on every epsilon channel (the official sampler
@@ -68,8 +71,40 @@ def _class_names(cfg) -> list[str] | None:
     return None
 
 
-def load_model(path: str, ema: bool = True, device: str | torch.device = "cpu"):
-    """(model in eval mode, cfg, used_ema, step) rebuilt from a `kfe train dit` checkpoint."""
+CAUGHT_UP = 0.05  # the EMA is used once the initialisation's share in it is below this (step > 3 / (1 - decay))
+
+
+def init_share(decay: float, step: int, warmup: bool = False) -> float:
+    """What is left of the random initialisation in the EMA after `step` updates."""
+    if warmup:
+        from train.optim import ema_decay_at
+
+        return math.prod(ema_decay_at(decay, s) for s in range(1, step + 1))
+    return decay ** step
+
+
+def choose_ema(has_ema: bool, decay: float, step: int, ema: bool | None, warmup: bool = False) -> bool:
+    """ema None = auto. Warns when the EMA has not caught up with training (whichever is used)."""
+    import warnings
+
+    if not has_ema:
+        if ema:
+            warnings.warn("the checkpoint has no EMA weights (the run had ema = false): using the raw weights")
+        return False
+    share = init_share(decay, step, warmup)
+    if share < CAUGHT_UP or ema is False:
+        return bool(ema is not False)
+    caught = f"step {step}: {share:.0%} of the EMA (decay {decay}) is still the random initialisation"
+    if ema:
+        warnings.warn(f"--ema at {caught}; its samples will be mostly noise")
+        return True
+    warnings.warn(f"using the raw weights: at {caught} (--ema to use it anyway)")
+    return False
+
+
+def load_model(path: str, ema: bool | None = None, device: str | torch.device = "cpu"):
+    """(model in eval mode, cfg, used_ema, step) rebuilt from a `kfe train dit` checkpoint (ema: None =
+    auto, see choose_ema)."""
     from train import checkpoint as ckpt_mod
     from train import config as config_mod
     from train.recipes import dit
@@ -79,7 +114,7 @@ def load_model(path: str, ema: bool = True, device: str | torch.device = "cpu"):
     if ckpt["recipe"] != "dit":
         raise ValueError(f"{path} is a {ckpt['recipe']!r} checkpoint, not a dit one")
     cfg = config_mod.from_dict(dit.DiTConfig, ckpt["config"])
-    used_ema = ema and ckpt.get("ema") is not None
+    used_ema = choose_ema(ckpt.get("ema") is not None, cfg.ema_decay, ckpt["step"], ema, cfg.ema_warmup)
     sd = ckpt_mod.clean_state_dict(ckpt["ema"] if used_ema else ckpt["model"])
     w = sd["x_embedder.proj.weight"]                             # (hidden, C, p, p)
     channels, patch = w.shape[1], w.shape[2]
@@ -128,9 +163,14 @@ def _to_uint8(x: torch.Tensor, pixels: bool) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def sample(ckpt: str, out: str, steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 4.0,
-           classes: str | None = None, per_class: int = 4, seed: int = 0, eta: float = 0.0, ema: bool = True,
-           device: str = "auto", upscale: int = 1, progress: bool = True) -> dict:
+def default_out(ckpt: str) -> str:
+    """`<run dir>/samples.png`: beside the checkpoint, not in the working directory."""
+    return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), "samples.png")
+
+
+def sample(ckpt: str, out: str | None, steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 4.0,
+           classes: str | None = None, per_class: int = 4, seed: int = 0, eta: float = 0.0, ema: bool | None = None,
+           device: str = "auto", upscale: int = 1, progress: bool = True, vae: str | None = None) -> dict:
     """Draw per_class samples of each class; write the grid PNG and its caption file. Returns a summary."""
     from PIL import Image
 
@@ -139,6 +179,7 @@ def sample(ckpt: str, out: str, steps: int = 250, sampler: str = "ddpm", cfg_sca
 
     if per_class < 1 or upscale < 1:
         raise ValueError("--per-class and --upscale must be >= 1")
+    out = out or default_out(ckpt)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, used_ema, step = load_model(ckpt, ema, dev)
     names = _class_names(cfg)
@@ -163,6 +204,12 @@ def sample(ckpt: str, out: str, steps: int = 250, sampler: str = "ddpm", cfg_sca
     scale = 1.0 if pixels else cfg.latent_scale
     if not pixels:
         np.save(stem + ".npy", (x / scale).cpu().numpy())
+    if vae is not None:
+        if pixels:
+            raise ValueError("--vae decodes latents; this checkpoint was trained on pixels")
+        from train.latents import decode, load_vae
+
+        x, pixels = decode(load_vae(vae, dev), x / scale), True
     image = grid(_to_uint8(x, pixels), len(ids), upscale)
     Image.fromarray(image).save(out)
     labels = [names[k] if names and k < len(names) else str(k) for k in ids]
@@ -178,7 +225,7 @@ def sample(ckpt: str, out: str, steps: int = 250, sampler: str = "ddpm", cfg_sca
 def sample_command(args: argparse.Namespace) -> int:
     try:
         res = sample(args.ckpt, args.out, args.steps, args.sampler, args.cfg_scale, args.classes, args.per_class,
-                     args.seed, args.eta, not args.no_ema, args.device, args.upscale, not args.quiet)
+                     args.seed, args.eta, args.ema, args.device, args.upscale, not args.quiet, args.vae)
     except (ValueError, FileNotFoundError) as err:
         print(f"kfe sample dit: error: {err}", file=sys.stderr)
         return 2
@@ -192,7 +239,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", choices=["dit"], help="the recipe whose checkpoint samples")
     p.add_argument("--ckpt", required=True, help="a run directory (newest checkpoint) or a ckpt-*.pt file")
-    p.add_argument("--out", default="samples.png", help="grid PNG; a caption file <stem>.txt is written beside it")
+    p.add_argument("--out", help="grid PNG (default: <run dir>/samples.png); a caption file <stem>.txt is written "
+                                 "beside it")
     p.add_argument("--steps", type=int, default=250, help="sampling steps (respaced; DiT uses 250)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
@@ -200,7 +248,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", help="comma-separated class indices or names (default: the first 16 classes)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (grid columns)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA ones exist")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--ema", dest="ema", action="store_true", default=None,
+                   help="use the EMA weights even before the EMA has caught up (default: auto, see above)")
+    w.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
+    p.add_argument("--vae", metavar="DIR", help="decode latent samples with this diffusers AutoencoderKL "
+                                                "(sd-vae-ft-* layout) into a pixel grid")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour enlargement of the grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -21,12 +21,15 @@ from torch import nn
 from train import checkpoint as ckpt_mod
 from train import config as config_mod
 from train import dist as dist_mod
+from train import dcp as dcp_mod
+from train import threads as threads_mod
 from train.data import Loader, kind_of, normalize
+from train.data import loader as loader_mod
 from train.data.loader import StopRequested
-from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, peak_flops
+from train.metrics import SKIPPED_KEYS, Reporter, memory_gb, naming, peak_flops
 from train.optim import EMA, adamw, param_groups, scheduler
 from train.recipes.base import Recipe, TrainConfig
-from train.wrap import load_wrapped_state, unsharded, unwrap_state, wrap_model
+from train.wrap import load_wrapped_state, unsharded, wrap_model
 
 
 def default_run_dir(recipe: str, cfg: TrainConfig) -> str:
@@ -89,19 +92,19 @@ class Trainer:
         self.device = self.info.device
         self.run_dir = run_dir or default_run_dir(recipe.name, cfg)
         self.stop = False
+        self.saver = None  # sharded checkpoints (train/dcp.py), made at the first save
         self.interruptible = False  # waiting for the first micro-batch of a step, on one process
 
     # ------------------------------------------------------------ setup
 
     def setup(self, checkpoints: bool = True) -> None:
         cfg, info = self.cfg, self.info
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        self.threads_note = threads_mod.apply(cfg.threads, kind_of(cfg.data) == "shapes")
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         # The data first: a bad path fails before the model is built or anything is written (the run
-        # directory is created by _find_resume).
+        # directory is created by run.train once setup has passed every check).
         self.data = self.recipe.build_data(cfg, info)
         resume = self._find_resume() if checkpoints else None
         self.local_batch = cfg.batch_size // (info.world * cfg.accum_steps)
@@ -110,20 +113,21 @@ class Trainer:
         self.loader.should_stop = lambda: self.stop
         self.total_steps, self.warmup = self._lengths()
         ckpt_mod.seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        self.task = self.recipe.build_task(cfg, self.data, info)
+        with model_errors(cfg):
+            self.task = self.recipe.build_task(cfg, self.data, info)
         self.module = self.task.model.to(self.device)
         self.channels_last = self.task.channels_last and cfg.channels_last
         self.sharded = cfg.dist == "fsdp" and info.world > 1
         if self.channels_last and not self.sharded:  # FSDP2 cannot shard non-contiguous parameters
             to_channels_last(self.module)
-        state = ckpt_mod.load(resume) if resume else None
+        state = read_checkpoint(resume) if resume else None
         if state is not None:
             self._restore_task(state)
-        if state is not None and not self.sharded:
+        if state is not None and not self.sharded and "dcp" not in state:
             self.module.load_state_dict(state["model"])
-        self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema else None
+        self.ema = EMA(self.module, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
         self.model = wrap_model(self.module, cfg, info, self.task.shard_units)
-        if state is not None and self.sharded:
+        if state is not None and self.sharded and "dcp" not in state:
             load_wrapped_state(self.module, state["model"], info)
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
         self.lr = cfg.lr if cfg.lr > 0 else cfg.blr * cfg.batch_size / 256
@@ -141,15 +145,26 @@ class Trainer:
         cfg, info = self.cfg, self.info
         path, error = None, None
         if info.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            ckpt_mod.remove_stale_temporaries(self.run_dir)
+            if os.path.isdir(self.run_dir):
+                ckpt_mod.remove_stale_temporaries(self.run_dir)
+                dcp_mod.remove_stale(self.run_dir)
             try:
                 path = ckpt_mod.find_resume(self.run_dir, cfg.resume)
             except FileNotFoundError as err:
                 error = str(err)
-            if not cfg.resume and ckpt_mod.list_checkpoints(self.run_dir):
+            found = ckpt_mod.list_checkpoints(self.run_dir)
+            if not cfg.resume and found:
                 error = (f"{self.run_dir} already holds checkpoints: pass --resume auto to continue that run, "
                          "or --out DIR for a new one")
+            elif path is not None and os.path.isdir(path) and cfg.resume != "auto":
+                try:
+                    dcp_mod.check_own(path, self.run_dir)
+                except ValueError as err:
+                    error = str(err)
+            elif cfg.resume == "auto" and path is None and found:  # never start over and overwrite them
+                error = (f"--resume auto: none of the {len(found)} checkpoint(s) in {self.run_dir} is readable "
+                         f"(newest: {found[-1][1]}); move them away to start afresh, or resume from a file "
+                         "with --resume PATH")
         path, error = dist_mod.broadcast_object((path, error), info)
         if error:
             raise config_mod.ConfigError(error)
@@ -199,7 +214,9 @@ class Trainer:
         if diff:
             warnings.warn(f"resuming {path} with changed config keys {diff}: the run will not match an "
                           "uninterrupted one exactly")
-        if self.sharded:
+        if "dcp" in state:  # sharded: model and optimizer from the shards, in this run's layout
+            dcp_mod.load_into(state["dcp"], self.module, self.optimizer)
+        elif self.sharded:
             from train.wrap import load_optimizer_state
             load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         else:
@@ -273,7 +290,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.module)
+            self.ema.update(self.module, step + 1)
         return {"loss": loss_sum / accum, "grad_norm": grad_norm.detach().float(), "images": images,
                 "data_time": data_time}
 
@@ -283,11 +300,15 @@ class Trainer:
         if self.task.evaluate is None:
             return {}
         self.module.eval()
+        loader_mod.HELD_OUT_SKIPPED.clear()  # the summary reports the newest evaluation's skips
         with torch.no_grad(), self._autocast(), unsharded(self.module, self.sharded):
             metrics = dict(self.task.evaluate(self.module, self.prepare))
-            if self.ema is not None:
+            held = dict(loader_mod.HELD_OUT_SKIPPED)
+            if self.ema is not None:  # (reads the same held-out samples again: not counted twice)
                 metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.prepare).items()
                                 if not k.startswith("chance")})
+            loader_mod.HELD_OUT_SKIPPED.clear()
+            loader_mod.HELD_OUT_SKIPPED.update(held)
         self.module.train()
         return metrics
 
@@ -298,26 +319,44 @@ class Trainer:
         rng = dist_mod.all_gather_objects(ckpt_mod.rng_state(), info)
         data = dist_mod.all_gather_objects(self.loader.state_dict(), info)
         task = dist_mod.all_gather_objects(self.task.state_dict(), info) if self.task.state_dict else None
-        model_sd = unwrap_state(self.module, info) if self.sharded else self.module.state_dict()
-        opt_sd = optimizer_state(self.module, self.optimizer, "fsdp" if self.sharded else "ddp")
+        if self.sharded:  # each rank writes its shards (train/dcp.py); nothing is gathered
+            meta = {"format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
+                    "config": config_mod.to_dict(self.cfg), "scheduler": self.scheduler.state_dict(), "ema": None,
+                    "rng": rng, "data": data, "world": info.world, "task": task}
+            if self.saver is None:
+                self.saver = dcp_mod.Saver(info, self.cfg.async_ckpt)
+            prune = (lambda: ckpt_mod.prune(self.run_dir, self.cfg.keep_ckpts)) if info.main else None
+            return self.saver.save(self.run_dir, step, self.module, self.optimizer, meta, prune)
+        model_sd = self.module.state_dict()
+        opt_sd = optimizer_state(self.module, self.optimizer, "ddp")
         path = ckpt_mod.path_for(self.run_dir, step)
         if info.main:
-            ckpt_mod.atomic_save({
-                "format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
-                "config": config_mod.to_dict(self.cfg), "model": model_sd, "optimizer": opt_sd,
-                "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "rng": rng, "data": data, "world": info.world, "task": task,
-            }, path)
+            with naming(path):
+                ckpt_mod.atomic_save({
+                    "format": ckpt_mod.FORMAT_VERSION, "recipe": self.recipe.name, "step": step,
+                    "config": config_mod.to_dict(self.cfg), "model": model_sd, "optimizer": opt_sd,
+                    "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                    "rng": rng, "data": data, "world": info.world, "task": task,
+                }, path)
             ckpt_mod.prune(self.run_dir, self.cfg.keep_ckpts)
         dist_mod.barrier(info)
         return path
 
     # ------------------------------------------------------------ the loop
 
+    def finish_saves(self) -> None:
+        """Commit a checkpoint still being written in the background (--async_ckpt)."""
+        if self.saver is not None:
+            self.saver.wait()
+
     def skipped_total(self) -> dict:
-        counts = torch.tensor([float(self.loader.skipped.get(k, 0)) for k in SKIPPED_KEYS], device=self.device)
+        """Training skips by reason, plus `held_out_<reason>` for the newest evaluation's, over all processes."""
+        held = loader_mod.HELD_OUT_SKIPPED
+        counts = torch.tensor([float(self.loader.skipped.get(k, 0)) for k in SKIPPED_KEYS]
+                              + [float(held.get(k, 0)) for k in SKIPPED_KEYS], device=self.device)
         dist_mod.all_reduce_sum(counts, self.info)
-        return {k: int(v) for k, v in zip(SKIPPED_KEYS, counts.tolist()) if v}
+        names = list(SKIPPED_KEYS) + [f"held_out_{k}" for k in SKIPPED_KEYS]
+        return {k: int(v) for k, v in zip(names, counts.tolist()) if v}
 
     def fit(self) -> dict:
         from train.loop import run_loop
@@ -348,6 +387,33 @@ class Trainer:
         cfg = self.cfg
         return Reporter(self.run_dir, self.info.main, self.total_steps, self.start_step, cfg.progress,
                         cfg.tensorboard)
+
+
+def read_checkpoint(path: str) -> dict:
+    """ckpt_mod.load with a one-line error naming the file (a truncated or foreign file raises deep in torch)."""
+    try:
+        return ckpt_mod.load(path)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zip, pickle, EOF, I/O errors: all mean "cannot read this file"
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {first}") from None
+
+
+@contextlib.contextmanager
+def model_errors(cfg):
+    """An unknown --model or a --model_kwargs key its constructor does not take: a ConfigError naming it."""
+    try:
+        yield
+    except ValueError as err:
+        if str(err).startswith("unknown model"):
+            raise config_mod.ConfigError(f"--model: {err}") from None
+        raise
+    except TypeError as err:
+        text = str(err)
+        if "unexpected keyword argument" in text or "multiple values for" in text:
+            raise config_mod.ConfigError(f"--model_kwargs {cfg.model_kwargs}: {text} (model {cfg.model})") from None
+        raise
 
 
 def _fsdp_no_sync(model: nn.Module):

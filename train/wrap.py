@@ -3,8 +3,8 @@
 DDP keeps a full replica per process; its state dicts are the plain module's. FSDP2 shards
 parameters, gradients and optimizer state across processes (for models that do not fit a replica):
 each unit (default: every module whose class name ends in "Block") is sharded, then the root. Its
-checkpoints gather full, unsharded state dicts on rank 0 through torch.distributed.checkpoint's
-state_dict helpers, so a checkpoint reads the same whatever the wrapper or process count.
+training checkpoints are sharded (train/dcp.py); the full-state helpers below serve loading a
+single-file checkpoint into a sharded model.
 """
 from __future__ import annotations
 
@@ -19,8 +19,29 @@ def _units(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("Block")]
 
 
+def per_block(module: nn.Module, act_ckpt: bool, compile_blocks: bool,
+              units: list[nn.Module] | None = None) -> int:
+    """Per unit (every *Block): --act_ckpt recomputes its activations in the backward instead of keeping
+    them (torch.distributed._composable.checkpoint: non-reentrant, RNG state replayed, state-dict keys
+    unchanged); --compile_blocks torch.compiles it in place (one graph per block type, reused by every
+    block; no graph over FSDP2's collectives). Applied before fully_shard, which composes with both.
+    Returns how many units."""
+    units = units or _units(module)
+    if act_ckpt:
+        from torch.distributed._composable import checkpoint
+
+        for unit in units:
+            checkpoint(unit)
+    if compile_blocks:
+        for unit in units:
+            unit.compile()
+    return len(units)
+
+
 def wrap_model(module: nn.Module, cfg, info: DistInfo, shard_units: list[nn.Module] | None = None) -> nn.Module:
     """The module to train with (DDP / FSDP2 over torchrun's processes; the module itself alone)."""
+    if getattr(cfg, "act_ckpt", False) or getattr(cfg, "compile_blocks", False):
+        per_block(module, cfg.act_ckpt, cfg.compile_blocks, shard_units)
     if info.world == 1:
         return module
     if cfg.dist == "fsdp":

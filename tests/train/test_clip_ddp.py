@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.train.clip_util import TINY
-from tests.train.util import ROOT, env, kfe
+from tests.train.util import ROOT, env, kfe, load_checkpoint
 from train import checkpoint as ckpt
 from train.data import tokenizer as tok_mod
 from train.recipes.image_text import build_model
@@ -31,7 +31,7 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path, dist
     assert single.returncode == 0, single.stderr[-3000:]
     assert ddp.returncode == 0, out[-3000:] + err[-3000:]
     assert "2 process(es) on cpu" in out and "(8 per process x 1 accumulation)" in out
-    a, b = ckpt.load(ckpt.path_for(one, 3)), ckpt.load(ckpt.path_for(two, 3))
+    a, b = ckpt.load(ckpt.path_for(one, 3)), load_checkpoint(two, 3)  # fsdp: sharded, read whole
     cfg, _ = resolve_config("clip", overrides=ARGS[2:])
     torch.manual_seed(cfg.seed)                                   # the trainer's initial weights
     init = build_model(cfg, tok_mod.from_dict(a["task"][0]["tokenizer"])).state_dict()

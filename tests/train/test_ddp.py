@@ -1,13 +1,14 @@
 """Data parallel on 2 gloo processes under torchrun: DDP (with gradient accumulation) and FSDP2 end with
 the parameters one process reaches on the same global batch; an FSDP2 run resumes from its checkpoint."""
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.train.util import ROOT, TINY, env, kfe
+from tests.train.util import ROOT, TINY, env, kfe, load_checkpoint
 from train import checkpoint as ckpt
 from train.recipes.supervised import build_model
 from train.run import resolve_config
@@ -59,11 +60,11 @@ def test_ddp_two_gloo_processes_with_accumulation_match_one_process(tmp_path, on
 def test_fsdp2_matches_one_process_and_resumes(tmp_path, one_process):
     out = str(tmp_path / "fsdp")
     _torchrun("--out", out, "--dist", "fsdp", "--ckpt_every", "2")
-    first = ckpt.load(ckpt.path_for(out, 3))
+    first = load_checkpoint(out, 3)                   # sharded (train/dcp.py), read whole
     _assert_same_training(one_process, first)        # full (unsharded) state dicts with the official keys
-    os.remove(ckpt.path_for(out, 3))                  # as if killed after the step-2 checkpoint
+    shutil.rmtree(os.path.join(out, "ckpt-00000003.dcp"))  # as if killed after the step-2 checkpoint
     r = _torchrun("--out", out, "--dist", "fsdp", "--ckpt_every", "2", "--resume", "auto")
     assert "resuming at step 2" in r.stdout
-    again = ckpt.load(ckpt.path_for(out, 3))
+    again = load_checkpoint(out, 3)
     for name, p in first["model"].items():
         assert torch.equal(again["model"][name], p), name

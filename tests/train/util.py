@@ -35,6 +35,15 @@ def metrics(run_dir: str, kind: str = "train") -> list[dict]:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+def load_checkpoint(run_dir: str, step: int) -> dict:
+    """The step's checkpoint with its full model state: a .pt file, or an FSDP2 run's sharded .dcp."""
+    from train import checkpoint, dcp
+    from train.run import _with_model
+
+    path = dcp.path_for(run_dir, step)
+    return _with_model(checkpoint.load(path if os.path.isdir(path) else checkpoint.path_for(run_dir, step)))
+
+
 def jpeg(value: int, size=(20, 24)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((*size, 3), value % 255, np.uint8)).save(buf, format="JPEG")

@@ -9,7 +9,10 @@ _METACLIP_EPILOG = """\
 pool formats: .jsonl / .jsonl.gz (one JSON object per line), .parquet, WebDataset .tar / .tar.gz
 (.txt member, or the text field of the .json member); PATHS may be files, folders, globs, brace
 patterns (data/{00000..00099}.tar) or shard lists (.txt / .list / .shards, one path per line).
-Unreadable shards are skipped and reported; a pool with no readable shard is an error.
+Unreadable shards are skipped and reported (a tar shard cut short, even at a member boundary, is
+unreadable: it must end with tar's end-of-archive block); a pool with no readable shard is an error.
+Output files are written to temporaries and renamed; a failed write (full disk) removes its
+temporary, and a re-run removes those a killed run left. I/O errors are one line naming the file.
 
 pair ids: the --id-field value must be unique over the whole pool (a pair's balancing coins are a
 function of its id, and curated.jsonl names pairs by it); a repeated id among the matched pairs is
@@ -36,6 +39,11 @@ def _metaclip(args: argparse.Namespace) -> int:
     except ValueError as err:  # bad input: say what, no traceback
         print(f"kfe curate metaclip: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only --out: the path, no traceback
+        from train.cli_train import os_error
+
+        print(f"kfe curate metaclip: error: {os_error(err)}", file=sys.stderr)
+        return 1
     if summary.get("kept") is not None:  # rank 0
         brief = {k: summary[k] for k in ("pool_size", "matched", "kept", "t", "seed", "shards", "timings_s")}
         print(json.dumps(brief, indent=1))

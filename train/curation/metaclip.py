@@ -70,12 +70,10 @@ def _p1_path(job: _Job, i: int) -> str:
 
 
 def _atomic_npz(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with _report.temporary(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _id_json(record_id, shard: str, offset: int) -> str:
@@ -187,12 +185,10 @@ def _balance_shard(i: int, pass2: str) -> tuple:
     ids = d["ids"].tobytes().decode("utf-8", "surrogatepass").split("\n") if len(keep) else []
     bounds = np.concatenate([[0], np.cumsum(d["per_pair"])]).tolist()
     entries = d["entries"].tolist()
-    tmp = f"{base}.jsonl.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", errors="surrogatepass") as f:
+    with _report.temporary(base + ".jsonl") as tmp, open(tmp, "w", encoding="utf-8", errors="surrogatepass") as f:
         for p in np.flatnonzero(keep).tolist():
             # a list of ints prints as its JSON array; ids are JSON text already
             f.write(f'{{"id": {ids[p]}, "entries": {entries[bounds[p]:bounds[p + 1]]}}}\n')
-    os.replace(tmp, base + ".jsonl")
     uniq, uniq_counts = np.unique(d["entries"][np.repeat(keep, d["per_pair"])], return_counts=True)
     own, own_counts = np.unique(d["entries"][coins], return_counts=True)
     _atomic_npz(base + ".npz", uniq=uniq.astype(np.int64), uniq_counts=uniq_counts.astype(np.int64),
@@ -236,6 +232,7 @@ def _prepare_work(out: str, job: _Job, metadata_sha: str, fresh: bool) -> None:
                 raise ValueError(f"{out!r} holds the work of a different curation job (metadata, pool or fields "
                                  "differ); pass --fresh to discard it, or choose another --out")
     os.makedirs(os.path.join(job.work, "pass1"), exist_ok=True)
+    _report.remove_temporaries(out)  # e.g. curated.jsonl.tmp<pid> of a run killed while merging
     for name in os.listdir(os.path.join(job.work, "pass1")):  # partial writes of a crashed run
         if ".tmp" in name:
             os.remove(os.path.join(job.work, "pass1", name))
@@ -344,6 +341,5 @@ def _start_pass2(work: str, pass2: str, counts: np.ndarray) -> None:
             os.remove(os.path.join(pass2, name))
     path = os.path.join(pass2, "counts.npy")
     if not os.path.exists(path):
-        tmp = path + ".tmp.npy"
-        np.save(tmp, counts)
-        os.replace(tmp, path)
+        with _report.temporary(path, ".npy") as tmp:
+            np.save(tmp, counts)

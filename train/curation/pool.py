@@ -27,6 +27,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from train import tarfiles
+
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet", ".tar": "tar", ".tar.gz": "tar",
            ".tgz": "tar"}
 LIST_SUFFIXES = (".txt", ".list", ".shards")
@@ -171,8 +173,10 @@ def _read_parquet(path, text_field, id_field, batch_size):
 
 def _read_tar(path, text_field, id_field, batch_size):
     offset, key, members = 0, None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for info in tar:
+    # seekable mode: tarfiles.members checks the end-of-archive block (a cut shard raises, then it is
+    # reported unreadable instead of read short or aborting on its half-written last sample)
+    with tarfile.open(path, mode="r:*") as tar:
+        for info in tarfiles.members(tar, path):
             if not info.isfile():
                 continue
             folder, base = os.path.split(info.name)

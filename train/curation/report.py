@@ -12,19 +12,46 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import time
 
 import numpy as np
 
 
+@contextlib.contextmanager
+def temporary(path: str, suffix: str = ""):
+    """Yield `<path>.tmp<pid><suffix>` to write; renamed onto `path` on success, removed on any error
+    (a full disk must not leave partial files; a killed run's are removed by remove_temporaries)."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError) and not err.filename:  # a write error: name the file
+            raise OSError(err.errno, err.strerror or str(err), path) from None
+        raise
+
+
+_TEMPORARY = re.compile(r"\.tmp\d*(\.\w+)?$")
+
+
+def remove_temporaries(folder: str) -> None:
+    """Partial files a killed run left in `folder` (rank 0, before any writer starts)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if _TEMPORARY.search(name):
+                os.remove(os.path.join(folder, name))
+
+
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with temporary(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(obj, indent=None if isinstance(obj, list) else 1) + "\n")  # C encoder: fast
-    os.replace(tmp, path)
 
 
 def merge(out: str, pass2: str, shards: list[int], counts: np.ndarray, t: float, summary: dict,
@@ -32,8 +59,7 @@ def merge(out: str, pass2: str, shards: list[int], counts: np.ndarray, t: float,
     """Concatenate the pass-2 parts of `shards` (in order) and write every output; returns kept."""
     kept_counts, own_counts = np.zeros_like(counts), np.zeros_like(counts)
     kept = 0
-    tmp = os.path.join(out, f"curated.jsonl.tmp{os.getpid()}")
-    with open(tmp, "wb") as dst:
+    with temporary(os.path.join(out, "curated.jsonl")) as tmp, open(tmp, "wb") as dst:
         for i in shards:
             base = os.path.join(pass2, f"{i:06d}")
             with np.load(base + ".npz") as d:
@@ -42,7 +68,6 @@ def merge(out: str, pass2: str, shards: list[int], counts: np.ndarray, t: float,
                 kept += int(d["stats"][0])
             with open(base + ".jsonl", "rb") as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(tmp, os.path.join(out, "curated.jsonl"))
     write_json(os.path.join(out, "entry_counts.json"), counts.tolist())
     write_json(os.path.join(out, "entry_counts_balanced.json"), kept_counts.tolist())
     summary["kept"] = kept
@@ -90,7 +115,6 @@ def plot_counts(path: str, before: np.ndarray, own: np.ndarray, kept: np.ndarray
     ax.set_title("MetaCLIP balancing: entry counts")
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with temporary(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     return "entry_counts.png"

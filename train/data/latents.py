@@ -8,6 +8,9 @@ A shard holds (N, C, H, W) latents and, optionally, (N,) integer class labels:
   - `name.npz`: arrays `latents` and `labels`;
   - `name.pt` / `name.pth`: torch.save of {"latents": tensor, "labels": tensor} or of the latents alone
     (loaded with mmap).
+A shard may record its `latent_scale` (the .npz array / .pt key of that name; `kfe latents encode`
+writes the VAE's scaling_factor, 0.18215 for SD-VAE): shards that record one must agree, and `kfe train
+dit` multiplies the latents by it unless --latent_scale is given.
 Either every shard has labels or none does (then every label is 0: one class, unconditional). Shards
 must agree on (C, H, W), with H == W. Samples come out as {"image": float32 (C, H, W), "label": int},
 so the shared loader, sampler and resume logic apply unchanged (image batches that are floating point
@@ -54,27 +57,29 @@ def is_latent_spec(spec: str) -> bool:
     return bool(spec) and spec != "shapes" and (spec.endswith(EXTS) or (os.path.isdir(spec) and bool(expand(spec))))
 
 
-def _load(path: str) -> tuple[object, object | None]:
+def _load(path: str) -> tuple[object, object | None, float | None]:
     if not os.path.isfile(path):
         raise LatentError(f"latent shard {path!r} does not exist")
     try:
         if path.endswith(".npy"):
             lab = path[:-4] + LABELS_SUFFIX
-            return np.load(path, mmap_mode="r"), (np.load(lab, mmap_mode="r") if os.path.exists(lab) else None)
+            return np.load(path, mmap_mode="r"), (np.load(lab, mmap_mode="r") if os.path.exists(lab) else None), None
         if path.endswith(".npz"):
             z = np.load(path)
             if "latents" not in z:
                 raise LatentError(f"{path}: an .npz shard needs an array named 'latents' (has {list(z.keys())})")
-            return z["latents"], (z["labels"] if "labels" in z else None)
+            scale = float(z["latent_scale"]) if "latent_scale" in z else None
+            return z["latents"], (z["labels"] if "labels" in z else None), scale
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (OSError, ValueError, RuntimeError) as err:
         if isinstance(err, LatentError):
             raise
         raise LatentError(f"cannot read latent shard {path}: {err}") from None
     if isinstance(obj, torch.Tensor):
-        return obj, None
+        return obj, None, None
     if isinstance(obj, dict) and "latents" in obj:
-        return obj["latents"], obj.get("labels")
+        scale = obj.get("latent_scale")
+        return obj["latents"], obj.get("labels"), None if scale is None else float(scale)
     raise LatentError(f"{path}: a .pt shard must hold a tensor or a dict with 'latents' (and 'labels')")
 
 
@@ -85,9 +90,11 @@ class LatentShards:
         if not paths:
             raise LatentError("no latent shards given")
         self.paths, self.latents, self.labels, self.ends = paths, [], [], []
-        total, shape = 0, None
+        total, shape, scales = 0, None, {}
         for path in paths:
-            lat, lab = _load(path)
+            lat, lab, scale = _load(path)
+            if scale is not None:
+                scales.setdefault(scale, path)
             if lat.ndim != 4:
                 raise LatentError(f"{path}: latents must be (N, C, H, W), got shape {tuple(lat.shape)}")
             if shape is None:
@@ -109,6 +116,10 @@ class LatentShards:
         if any(have) and not all(have):
             missing = [p for p, h in zip(paths, have) if not h][:3]
             raise LatentError(f"some latent shards have labels and some do not (without: {', '.join(missing)})")
+        if len(scales) > 1:
+            raise LatentError(f"latent shards record different latent_scale values {sorted(scales)} (e.g. "
+                              f"{', '.join(scales.values())}): encoded by different VAEs?")
+        self.latent_scale = next(iter(scales), None)  # None: no shard records one
         self.labelled = all(have)
         self.sample_shape = shape  # (C, H, W)
         self.num_classes = int(max(int(lab.max()) for lab in self.labels if len(lab)) + 1) if self.labelled else 1

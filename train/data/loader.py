@@ -195,6 +195,9 @@ class Loader:
         self.skipped = Counter(state["skipped"])
 
 
+HELD_OUT_SKIPPED: Counter = Counter()  # every eval_batches pass of this process adds here (Trainer.evaluate reads it)
+
+
 def eval_batches(dataset, batch: int, rank: int, world: int, num_workers: int = 0,
                  skipped: Counter | None = None, limit: int | None = None) -> Iterator[dict]:
     """One finite pass for evaluation: map-style datasets are split rank::world; a stream (built with
@@ -214,6 +217,7 @@ def eval_batches(dataset, batch: int, rank: int, world: int, num_workers: int = 
         meta = b.pop("_meta")
         if skipped is not None:
             skipped.update(meta["skipped"])
+        HELD_OUT_SKIPPED.update(meta["skipped"])
         if "image" in b:
             yield b
 

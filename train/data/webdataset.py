@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from train import tarfiles
 from train.data.transforms import BadSample, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -67,12 +68,14 @@ def _split_key(name: str) -> tuple[str, str]:
 def iter_tar(path: str, skip: int = 0) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
     """Yield (member index, key, {ext: bytes}) per sample; payloads of the first `skip` are not read.
 
-    A read error ends the shard with one (index, key, None) item (the caller counts `corrupt_shard`).
+    A read error ends the shard with one (index, key, None) item (the caller counts `corrupt_shard`); so
+    does a shard that stops without its end-of-archive block (cut), and then its last sample, which may
+    lack members, is not yielded.
     """
     index, key, parts = -1, None, {}
     try:
         with tarfile.open(path, "r:*") as tar:
-            for member in tar:
+            for member in tarfiles.members(tar, path):
                 if not member.isfile():
                     continue
                 k, ext = _split_key(member.name)

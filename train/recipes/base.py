@@ -64,15 +64,22 @@ class TrainConfig:
     clip_grad: float = opt(0.0, "max global grad norm (0 = no clipping; the norm is logged anyway)")
     ema: bool = opt(False, "keep an EMA of the weights (evaluated and checkpointed too)")
     ema_decay: float = opt(0.9999, "EMA decay per step")
+    ema_warmup: bool = opt(False, "EMA decay warm-up as timm's ModelEmaV3 (1 - (1 + step) ** -2/3, up to ema_decay)")
     # launch
     device: str = opt("auto", "auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
     compile: bool = opt(False, "torch.compile the model")
+    compile_blocks: bool = opt(False, "torch.compile each block in place (composes with FSDP2; instead of --compile)")
+    act_ckpt: bool = opt(False, "activation checkpointing per block: recompute in the backward, keep only each "
+                                "block's input")
     channels_last: bool = opt(True, "channels-last memory format (for conv nets)")
     dist: Literal["ddp", "fsdp"] = opt("ddp", "data parallel: DDP, or FSDP2 fully_shard for large models")
+    async_ckpt: bool = opt(False, "FSDP2: write sharded checkpoints in the background (committed at the next "
+                                  "save or the end)")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns; slower)")
     seed: int = opt(0, "seed of the model init, data order and augmentation")
-    threads: int = opt(0, "torch CPU threads per process (0 = torch's default)")
+    threads: int = opt(0, "torch CPU threads per process (0 = auto: 1 on shapes data, else cores / local "
+                          "processes; see train/threads.py)")
     # outputs
     out: str = opt("", "run directory (default runs/<recipe>-<data>)")
     resume: str = opt("", "'' = fresh run, 'auto' = newest checkpoint in `out`, or a checkpoint path")
@@ -83,6 +90,8 @@ class TrainConfig:
     eval_batch_size: int = opt(256, "per-rank batch size for evaluation")
     progress: bool = opt(True, "tqdm progress bar")
     tensorboard: bool = opt(False, "also log to <out>/tb (needs the tensorboard package)")
+    profile: int = opt(0, "record this many steps (after one warm-up step) with torch.profiler: "
+                          "<out>/trace-rank<r>.json + the top ops by self time (0 = off)")
 
 
 @dataclass

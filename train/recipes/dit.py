@@ -8,8 +8,9 @@ variance, L_simple + L_vlb; class dropout 0.1 to the null class for classifier-f
 
 Data: pixel space on small images (`--data shapes`, an ImageFolder, WebDataset shards; scaled to
 [-1, 1], in_channels 3), or pre-computed latents (`--data DIR` of .npy / .npz / .pt shards, see
-train/data/latents.py; multiplied by `latent_scale`, 0.18215 for raw SD-VAE latents as DiT uses).
-Not implemented: the VAE itself (encode images to latents with any VAE and give the shards).
+train/data/latents.py; multiplied by `latent_scale`: by default the value the shards record, which `kfe
+latents encode` (train/latents.py, a diffusers AutoencoderKL) writes: 0.18215 for SD-VAE, as DiT uses).
+`kfe sample dit --vae DIR` decodes the samples to pixels with the same VAE.
 
 `kfe sample dit --ckpt RUN --out grid.png` draws images with classifier-free guidance (train/sample.py).
 The `shapes` preset: a 1.3M-parameter DiT (hidden 128, 4 blocks, patch 2) on 16 px shapes, label =
@@ -45,7 +46,8 @@ class DiTConfig(TrainConfig):
     class_dropout: float = opt(0.1, "probability a label is replaced by the null class (CFG); 0 = no CFG")
     learn_sigma: bool = opt(True, "predict the variance too (hybrid loss); false = fixed variance, MSE only")
     diffusion_steps: int = opt(1000, "T, the number of diffusion steps")
-    latent_scale: float = opt(1.0, "latents are multiplied by this (0.18215 for raw SD-VAE latents)")
+    latent_scale: float = opt(0.0, "latents are multiplied by this; 0 = the value the shards record (kfe latents "
+                                    "encode writes the VAE's, 0.18215 for SD-VAE), else SD-VAE's 0.18215")
     eval_samples: int = opt(1000, "held-out images for the held-out loss")
     data: str = opt("shapes", "'shapes' | ImageFolder dir | WebDataset shards | latent shards: a DIR of "
                               ".npy/.npz/.pt (N, C, H, W) arrays, or a pattern like 'lat/{00000..00015}.npy'")
@@ -99,6 +101,7 @@ def build_data(cfg: DiTConfig, info: DistInfo) -> Data:
                 raise DataError(f"--val_data latents are {vbase.sample_shape}, --data latents {base.sample_shape}")
             val = data_mod.Split(vset, "latents", len(vbase), None)
         names = [str(i) for i in range(base.num_classes)] if base.labelled else None
+        resolve_latent_scale(cfg, base.latent_scale, info.main)
         return Data(train, val, names, FIELDS)
     kind = data_mod.check(cfg.data, "data")
     if cfg.val_data:
@@ -117,6 +120,22 @@ def build_data(cfg: DiTConfig, info: DistInfo) -> Data:
     if val is None and info.main:
         warnings.warn(f"no held-out split for {cfg.data!r} (give --val_data): training without evaluation")
     return Data(train, val, names, FIELDS)
+
+
+SD_VAE_SCALE = 0.18215
+
+
+def resolve_latent_scale(cfg: DiTConfig, recorded: float | None, main: bool = True) -> None:
+    """cfg.latent_scale := the shards' recorded scale when not given (saved so in config.toml and checkpoints)."""
+    if cfg.latent_scale < 0:
+        raise ConfigError(f"latent_scale must be >= 0 (0 = from the shards), got {cfg.latent_scale}")
+    if cfg.latent_scale == 0:
+        cfg.latent_scale = recorded if recorded is not None else SD_VAE_SCALE
+        if recorded is None and main:
+            warnings.warn(f"the latent shards record no latent_scale: using SD-VAE's {SD_VAE_SCALE} (give "
+                          "--latent_scale for another VAE, or write the shards with kfe latents encode)")
+    elif recorded is not None and abs(cfg.latent_scale - recorded) > 1e-9 and main:
+        warnings.warn(f"--latent_scale {cfg.latent_scale} overrides the {recorded} the shards record")
 
 
 def geometry(cfg: DiTConfig, data: Data) -> tuple[int, int]:
