@@ -9,6 +9,7 @@
     kfe sample dit --ckpt RUN  draw a PNG grid of class-conditional DiT samples (CFG, DDPM/DDIM)
     kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
+    kfe checkpoint upgrade F   rewrite an old (format 1) checkpoint so it loads with weights_only=True
     kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
 
 Run `kfe <command> --help` for the options of each command.

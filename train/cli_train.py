@@ -62,6 +62,7 @@ def _pop(argv: list[str], flag: str) -> str | None:
 
 
 def train_command(argv: list[str]) -> int:
+    from train.checkpoint import UnsafeCheckpointError
     from train.config import ConfigError
     from train.data import DataError
 
@@ -82,7 +83,7 @@ def train_command(argv: list[str]) -> int:
         config_file, preset = _pop(rest, "--config"), _pop(rest, "--preset") or "auto"
         cfg, preset = resolve_config(name, config_file, preset, rest)
         train(name, cfg, preset)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, UnsafeCheckpointError) as err:
         print(f"kfe train {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -120,7 +121,24 @@ def eval_command(argv: list[str]) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from train.run import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out, args.ema)
+    try:
+        export_checkpoint(args.checkpoint, args.out, args.ema)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kfe export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def checkpoint_command(args: argparse.Namespace) -> int:
+    """`kfe checkpoint upgrade FILE...`: format-1 checkpoints rewritten as weights-only-loadable format 2."""
+    from train.checkpoint import upgrade
+
+    try:
+        for path in args.files:
+            print(f"upgraded {upgrade(path)}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kfe checkpoint upgrade: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -144,6 +162,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output .pt (torch.save of the state dict) or .safetensors")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.set_defaults(func=export_command)
+    p = sub.add_parser("checkpoint", help="checkpoint maintenance (kfe checkpoint upgrade FILE)")
+    p.add_argument("action", choices=["upgrade"], help="upgrade: rewrite old (format 1) KFE checkpoints in "
+                   "place so they load with weights_only=True")
+    p.add_argument("files", nargs="+", help="ckpt-*.pt files")
+    p.set_defaults(func=checkpoint_command)
     sub.choices["bench"].set_defaults(func=bench_command)
     sub.choices["bench"].description += (" `kfe bench recipe NAME` times a training recipe: training and "
                                          "data-loader images/s. `kfe bench model NAME` times a model's "

@@ -36,7 +36,10 @@ def resolve_config(recipe_name: str, config_file: str | None = None, preset: str
     else:
         raise config_mod.ConfigError(f"unknown preset {preset!r} for {recipe_name}; choose paper, "
                                      + ", ".join(recipe.presets))
-    return config_mod.resolve(recipe.config, mapping, toml, over), preset
+    cfg = config_mod.resolve(recipe.config, mapping, toml, over)
+    if recipe.resolve is not None:
+        recipe.resolve(cfg)
+    return cfg, preset
 
 
 def train(recipe_name: str, cfg, preset: str = "paper") -> dict:

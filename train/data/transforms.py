@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 from typing import Callable
 
 import numpy as np
@@ -82,15 +83,40 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
 
 
-def make_transform(resolution: int, augment: str, crop_min_scale: float = 0.08,
-                   crop_pct: float = 0.875) -> Callable[[Image.Image | np.ndarray, np.random.Generator], torch.Tensor]:
-    """(image, rng) -> (3, res, res) uint8. augment: none (eval: resize + centre crop), flip, rrc (+ flip)."""
+def rand_augment(spec: str, resolution: int) -> Callable[[Image.Image, np.random.Generator], Image.Image]:
+    """timm's RandAugment (e.g. "rand-m9-mstd0.5-inc1": 2 ops, magnitude 9, magnitude std 0.5, as ConvNeXt,
+    MAE and ConvNeXt V2 fine-tune), with timm's ImageNet hparams. timm draws from Python's global `random`:
+    it is seeded from the sample's rng and restored after, so the result stays a function of the sample."""
+    from timm.data import rand_augment_transform
+
+    hparams = {"translate_const": int(resolution * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)}
+    try:
+        op = rand_augment_transform(spec, hparams)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ValueError(f"randaug {spec!r} is not a timm RandAugment spec like 'rand-m9-mstd0.5-inc1': {err}") from None
+
+    def apply(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        saved = random.getstate()
+        random.seed(int(rng.integers(2**63)))
+        try:
+            return op(img)
+        finally:
+            random.setstate(saved)
+
+    return apply
+
+
+def make_transform(resolution: int, augment: str, crop_min_scale: float = 0.08, crop_pct: float = 0.875,
+                   randaug: str = "") -> Callable[[Image.Image | np.ndarray, np.random.Generator], torch.Tensor]:
+    """(image, rng) -> (3, res, res) uint8. augment: none (eval: resize + centre crop), flip, rrc (+ flip);
+    randaug: a timm RandAugment spec applied after them ('' = none)."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    ra = rand_augment(randaug, resolution) if randaug else None
 
     def transform(img, rng: np.random.Generator) -> torch.Tensor:
         if isinstance(img, np.ndarray):
-            if img.shape[:2] == (resolution, resolution) and augment != "rrc":
+            if img.shape[:2] == (resolution, resolution) and augment != "rrc" and ra is None:
                 if augment == "flip" and rng.random() < 0.5:
                     img = img[:, ::-1]
                 return to_tensor(img)
@@ -102,6 +128,8 @@ def make_transform(resolution: int, augment: str, crop_min_scale: float = 0.08,
             img = _center(img, resolution, crop_pct)
         if augment in ("flip", "rrc") and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if ra is not None:
+            img = ra(img, rng)
         return to_tensor(img)
 
     return transform
