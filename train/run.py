@@ -87,6 +87,8 @@ def load_for_eval(path: str, overrides: list[str] | None = None, ema: bool = Fal
     ckpt = ckpt_mod.load(_checkpoint_path(path))
     recipe = get(ckpt["recipe"])
     cfg = config_mod.from_dict(recipe.config, ckpt["config"])
+    if getattr(cfg, "init", ""):  # fine-tuned runs: the weights come from this checkpoint, not the --init file
+        cfg.init = ""
     config_mod.apply_mapping(cfg, config_mod.parse_overrides(recipe.config, overrides or []), "command line")
     info = dist_mod.init(cfg.device)
     data = recipe.build_data(cfg, info)

@@ -141,6 +141,9 @@ def test_mismatched_architectures_fail_naming_the_keys(tmp_path):
     torch.save({"model": official_mae(dim=48)}, path)
     with pytest.raises(ValueError, match="cls_token has shape"):
         load_init(vit(), path)
+    torch.save({"model": official_mae(depth=3)}, path)  # a deeper encoder: its last block has no place
+    with pytest.raises(ValueError, match=r"unused checkpoint keys \['blocks.2.norm1"):
+        load_init(vit(), path)
 
 
 def test_a_cls_token_vit_keeps_the_pretrained_norm(tmp_path):
@@ -173,6 +176,11 @@ def test_kfe_run_and_export_initialise_finetune_and_linprobe(tmp_path, capsys):
         assert "new fc_norm.* (2), head.* (2)" in log, log
     assert kfe_main(["train", "linprobe", *TINY_FT, "--init", mae, "--out", str(tmp_path / "lp")]) == 0
     assert "new head.* (2)" in capsys.readouterr().out
+    import shutil
+
+    shutil.rmtree(mae)  # the fine-tuned run evaluates from its own checkpoint, without the --init file
+    assert kfe_main(["eval", str(tmp_path / "lp"), "--device", "cpu", "--num_workers", "0"]) == 0
+    assert "held-out top-1" in capsys.readouterr().out
 
 
 def test_finetune_without_init_is_the_random_init_baseline(tmp_path, capsys):
