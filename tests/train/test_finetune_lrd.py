@@ -203,6 +203,8 @@ def test_randaugment_is_timms_seeded_per_sample_and_leaves_global_random_alone()
     outs = [t(img, np.random.default_rng(s)) for s in range(6)]
     plains = [plain(img, np.random.default_rng(s)) for s in range(6)]
     assert sum(not torch.equal(o, p) for o, p in zip(outs, plains)) >= 4  # the ops change pixels
+    for seed in range(200):  # many ops and magnitudes: none raises
+        t(img, np.random.default_rng(seed))
     with pytest.raises(ValueError, match="randaug"):
         make_transform(32, "rrc", randaug="bogus-m9")
 
@@ -217,3 +219,20 @@ def test_random_erasing_is_timms_and_erases_about_a_quarter():
     erased = (out != 0).flatten(1).any(1).float().mean().item()
     assert 0.17 < erased < 0.33 and torch.equal(x, torch.zeros_like(x))  # the input is not modified
     assert random_erasing(0.0) is None
+
+
+def test_posterize_at_magnitude_10_keeps_zero_bits_as_timm_meant():
+    """inc1 posterize at magnitude 10 keeps 0 bits; Pillow >= 11 raises there (the SIGKILL resume test with
+    RandAugment on hit it), older Pillow made the image black: ours does that."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    from train.data.transforms import _posterize
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    assert auto_augment._posterize_increasing_level_to_arg(10, {}) == (0,)
+    with pytest.raises(ValueError):
+        auto_augment.posterize(img, 0)
+    assert not np.asarray(_posterize(img, 0)).any()
+    for bits in range(1, 8):
+        assert np.array_equal(np.asarray(_posterize(img, bits)), np.asarray(ImageOps.posterize(img, bits)))
