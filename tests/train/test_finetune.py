@@ -256,3 +256,29 @@ def test_linprobe_model_is_frozen_encoder_bn_head_and_lars(tmp_path):
     assert math.isclose(head[1].weight.std().item(), 0.01, rel_tol=0.3)
     opt = task.optimizer([{"params": [head[1].weight]}], 0.1, (0.9, 0.999), torch.device("cpu"))
     assert isinstance(opt, LARS)
+
+
+FCMAE = ["--data", "shapes", "--resolution", "64", "--model_kwargs", '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}',
+         "--decoder_embed_dim", "32", "--batch_size", "16", "--num_workers", "0", "--progress", "false",
+         "--shapes.val_size", "32", "--eval_batch_size", "32", "--probe_samples", "32", "--warmup_steps", "0",
+         "--device", "cpu", "--steps", "1"]
+MASKFEAT = ["--data", "shapes", "--model_kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}', "--resolution", "32",
+            "--batch_size", "16", "--num_workers", "0", "--progress", "false", "--shapes.val_size", "32",
+            "--eval_batch_size", "32", "--warmup_steps", "0", "--probe_samples", "32", "--device", "cpu", "--steps", "1"]
+
+
+@pytest.mark.parametrize("recipe, pre, ft, new", [
+    ("fcmae", FCMAE, ["--model", "convnextv2_atto", "--model_kwargs", '{"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}',
+                      "--resolution", "64"], "new head.* (2), norm.* (2)"),
+    ("maskfeat", MASKFEAT, ["--model", "vit_small_patch16", "--model_kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}',
+                            "--resolution", "32"], "new fc_norm.* (2), head.* (2)"),
+])
+def test_fcmae_and_maskfeat_runs_initialise_their_classifiers(tmp_path, capsys, recipe, pre, ft, new):
+    run = str(tmp_path / recipe)
+    assert kfe_main(["train", recipe, *pre, "--out", run]) == 0
+    capsys.readouterr()
+    args = ["--data", "shapes", "--batch_size", "16", "--shapes.val_size", "32", "--eval_batch_size", "32",
+            "--progress", "false", "--device", "cpu", "--steps", "1", "--warmup_steps", "0", "--num_workers", "0"]
+    assert kfe_main(["train", "finetune", *args, *ft, "--init", run, "--out", str(tmp_path / "ft")]) == 0
+    log = capsys.readouterr().out
+    assert f"init from KFE {recipe} checkpoint" in log and new in log and "mask_token" in log, log
