@@ -234,5 +234,12 @@ def test_posterize_at_magnitude_10_keeps_zero_bits_as_timm_meant():
     with pytest.raises(ValueError):
         auto_augment.posterize(img, 0)
     assert not np.asarray(_posterize(img, 0)).any()
+    from train.data.transforms import rand_augment
+
+    posterizes = [o for o in rand_augment("rand-m9-mstd0.5-inc1", 32).op.ops if o.name.startswith("Posterize")]
+    assert posterizes
+    for o in posterizes:  # the RandAugment in use runs it at magnitude 10 without raising
+        o.prob, o.magnitude, o.magnitude_std = 1.0, 10, 0
+        assert not np.asarray(o(img)).any()
     for bits in range(1, 8):
         assert np.array_equal(np.asarray(_posterize(img, bits)), np.asarray(ImageOps.posterize(img, bits)))

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,6 +83,16 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
 
 
+def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
+    """timm's posterize, also for bits = 0 (keep no bit: black), which "inc1" reaches at magnitude 10 and
+    Pillow >= 11's ImageOps.posterize rejects; older Pillow's lookup table gave black there too."""
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits)
+
+
 def rand_augment(spec: str, resolution: int) -> Callable[[Image.Image, np.random.Generator], Image.Image]:
     """timm's RandAugment (e.g. "rand-m9-mstd0.5-inc1": 2 ops, magnitude 9, magnitude std 0.5, as ConvNeXt,
     MAE and ConvNeXt V2 fine-tune), with timm's ImageNet hparams. timm draws from Python's global `random`:
@@ -94,6 +104,9 @@ def rand_augment(spec: str, resolution: int) -> Callable[[Image.Image, np.random
         op = rand_augment_transform(spec, hparams)
     except (AssertionError, KeyError, ValueError) as err:
         raise ValueError(f"randaug {spec!r} is not a timm RandAugment spec like 'rand-m9-mstd0.5-inc1': {err}") from None
+    for o in op.ops:  # (see _posterize)
+        if o.aug_fn.__name__ == "posterize":
+            o.aug_fn = _posterize
 
     def apply(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         saved = random.getstate()
@@ -103,6 +116,7 @@ def rand_augment(spec: str, resolution: int) -> Callable[[Image.Image, np.random
         finally:
             random.setstate(saved)
 
+    apply.op = op  # (for tests)
     return apply
 
 
