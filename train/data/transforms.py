@@ -95,8 +95,9 @@ def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
 
 def rand_augment(spec: str, resolution: int) -> Callable[[Image.Image, np.random.Generator], Image.Image]:
     """timm's RandAugment (e.g. "rand-m9-mstd0.5-inc1": 2 ops, magnitude 9, magnitude std 0.5, as ConvNeXt,
-    MAE and ConvNeXt V2 fine-tune), with timm's ImageNet hparams. timm draws from Python's global `random`:
-    it is seeded from the sample's rng and restored after, so the result stays a function of the sample."""
+    MAE and ConvNeXt V2 fine-tune), with timm's ImageNet hparams. timm draws from Python's and numpy's global
+    generators: both are seeded from the sample's rng and restored after, so the result stays a function of
+    the sample (whatever worker draws it: exact resume)."""
     from timm.data import rand_augment_transform
 
     hparams = {"translate_const": int(resolution * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)}
@@ -109,12 +110,14 @@ def rand_augment(spec: str, resolution: int) -> Callable[[Image.Image, np.random
             o.aug_fn = _posterize
 
     def apply(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        saved = random.getstate()
+        saved, saved_np = random.getstate(), np.random.get_state()
         random.seed(int(rng.integers(2**63)))
+        np.random.seed(int(rng.integers(2**32)))  # timm picks the ops with np.random.choice
         try:
             return op(img)
         finally:
             random.setstate(saved)
+            np.random.set_state(saved_np)
 
     apply.op = op  # (for tests)
     return apply

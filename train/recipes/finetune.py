@@ -76,9 +76,9 @@ PRESETS = {
     # benchmarks/results/finetune-shapes.md. Other encoders: --model / --model_kwargs / --resolution.
     "shapes": {
         "model": "vit_small_patch16", "model_kwargs": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
-        "resolution": 32, "batch_size": 64, "steps": 300, "warmup_steps": 20, "blr": 1e-3, "min_lr": 1e-5,
+        "resolution": 32, "batch_size": 64, "steps": 200, "warmup_steps": 20, "blr": 8e-3, "min_lr": 1e-5,
         "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, "randaug": "", "reprob": 0.0, "ema": False,
-        "layer_decay": 0.75, "num_workers": 0, "log_every": 25, "eval_every": 100, "ckpt_every": 300,
+        "layer_decay": 0.75, "num_workers": 0, "log_every": 25, "eval_every": 100, "ckpt_every": 200,
         "eval_batch_size": 250, "shapes": {"val_size": 1000},
     },
 }
