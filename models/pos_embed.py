@@ -24,3 +24,25 @@ def sincos_2d(dim: int, grid: int | tuple[int, int], cls_token: bool = False) ->
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb])
     return emb.float()
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], extra: int = 1) -> torch.Tensor:
+    """A (1, extra + h*w, D) position table for a new (gh, gw) patch grid: the `extra` leading (cls) rows
+    kept, the grid bicubically resized (MAE's util/pos_embed.py interpolate_pos_embed, for fine-tuning
+    at another resolution). The old grid must be square."""
+    import math
+
+    import torch.nn.functional as F
+
+    n = pos.shape[1] - extra
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"pos_embed has {n} grid positions, not a square grid")
+    if (side, side) == tuple(grid):
+        return pos
+    head, table = pos[:, :extra], pos[:, extra:]
+    D = table.shape[-1]
+    table = table.reshape(1, side, side, D).permute(0, 3, 1, 2).float()
+    table = F.interpolate(table, size=tuple(grid), mode="bicubic", align_corners=False)
+    table = table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D).to(pos.dtype)
+    return torch.cat([head, table], dim=1)

@@ -4,6 +4,8 @@ Keys follow timm / facebookresearch/mae (`patch_embed.proj`, `cls_token`, `pos_e
 `blocks.i.norm1`, `blocks.i.attn.qkv`, `blocks.i.attn.proj`, `blocks.i.mlp.fc1/fc2`, `norm`, `head`),
 so MAE-pretrained and timm checkpoints load unchanged. Attention is engine.nn.Attention (kfe::attention).
 The position embedding is MAE's fixed 2D sin-cos table (a frozen parameter) unless pos_embed="learned".
+global_pool=True is MAE's fine-tuning head (models_vit.py): the mean of the patch tokens through a
+LayerNorm `fc_norm` (the final `norm` is then absent), instead of the normed cls token.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path_rate: float = 0.0, pos_embed: str = "sincos",
-                 k_bias: bool = True):
+                 k_bias: bool = True, global_pool: bool = False):
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
@@ -88,7 +90,11 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim), requires_grad=pos_embed == "learned")
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, k_bias=k_bias) for r in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.global_pool = global_pool
+        if global_pool:
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        else:
+            self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init(pos_embed)
 
@@ -114,13 +120,17 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, tokens], dim=1)  # (B, 1 + L, D)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + L, D) normed tokens; with global_pool the pooled (B, D) feature through fc_norm."""
         x = self.with_cls(self.embed(x))
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)  # (B, 1 + L, D)
+        if self.global_pool:
+            return self.fc_norm(x[:, 1:].mean(dim=1))
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x)[:, 0])
+        feats = self.forward_features(x)
+        return self.head(feats if self.global_pool else feats[:, 0])
 
 
 VARIANTS = {  # ViT paper Table 1; ViT-S as in DeiT / timm

@@ -5,11 +5,18 @@ directory, fsynced, then renamed with os.replace (atomic on POSIX): a run killed
 either the previous checkpoints or the new one, never half a file. It holds the model, optimizer,
 scheduler, EMA, every rank's RNG states (python, numpy, torch, cuda) and data-loader state, the step,
 and the resolved config.
+
+Loading is safe: every file is read with `torch.load(weights_only=True)`, which builds only tensors and
+plain Python data and refuses any other object, so no checkpoint (ours or one from elsewhere) can run code
+here. Our own files are written that way (format 2: the numpy RNG state as a tensor); format-1 files (numpy
+arrays inside) are converted once by `kfe checkpoint upgrade FILE`, which reads them with an allow-list
+of numpy's array constructors only - there is no fallback to `weights_only=False` anywhere.
 """
 from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import re
 import warnings
@@ -18,7 +25,25 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"ckpt-(\d{8})\.(pt|dcp)$")  # .dcp: an FSDP2 run's sharded checkpoint (train/dcp.py)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: numpy RNG state as an ndarray (needs `kfe checkpoint upgrade`)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file holding Python objects other than tensors and plain data (refused, never executed)."""
+
+
+def safe_load(path: str, what: str = "checkpoint"):
+    """torch.load(weights_only=True) with a one-line error naming the file when it holds other objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if not found:  # not a pickle of ours at all (truncated, garbage): unreadable, not hostile
+            raise ValueError(f"cannot read {what} {path!r}: not a torch.save file") from None
+        detail = f"it references {found.group(1)}"
+        raise UnsafeCheckpointError(
+            f"refusing to load {what} {path!r}: {detail}, not only tensors and plain data (a KFE checkpoint "
+            f"from before format 2 is converted once by `kfe checkpoint upgrade {path}`)") from None
 
 
 def path_for(run_dir: str, step: int) -> str:
@@ -79,11 +104,33 @@ def load(path: str) -> dict:
     if os.path.isdir(path):  # a sharded checkpoint: its metadata; the tensors stay in the shards
         from train import dcp
         return dcp.read_meta(path)
-    # weights_only=False: our own files hold numpy RNG states and plain python objects.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = safe_load(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == 1:
+        raise UnsafeCheckpointError(f"{path} is a format-1 KFE checkpoint: convert it once with "
+                                    f"`kfe checkpoint upgrade {path}`")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a KFE training checkpoint (format {FORMAT_VERSION})")
     return ckpt
+
+
+def upgrade(path: str, out: str | None = None) -> str:
+    """Rewrite a format-1 checkpoint (numpy RNG arrays inside) as format 2, in place unless `out`.
+
+    Read with weights_only=True plus an allow-list of numpy's ndarray reconstruction only (what format 1
+    holds beyond plain data): anything else in the file is still refused.
+    """
+    from numpy._core.multiarray import _reconstruct  # numpy 2 (the pinned install)
+
+    allowed = [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, FORMAT_VERSION):
+        raise ValueError(f"{path} is not a KFE training checkpoint")
+    if ckpt["format"] == 1:
+        ckpt["rng"] = [_rng_to_plain(r) for r in ckpt["rng"]]
+        ckpt["format"] = FORMAT_VERSION
+    atomic_save(ckpt, out or path)
+    return out or path
 
 
 def find_resume(run_dir: str, resume: str) -> str | None:
@@ -98,6 +145,8 @@ def find_resume(run_dir: str, resume: str) -> str | None:
         try:
             load(p)
             return p
+        except UnsafeCheckpointError:  # never skipped: resuming an older checkpoint would lose steps silently
+            raise
         except Exception as err:  # noqa: BLE001 - an unreadable file is skipped, the next older one tried
             warnings.warn(f"skipping unreadable checkpoint {p}: {err!r}")
     return None
@@ -105,8 +154,16 @@ def find_resume(run_dir: str, resume: str) -> str | None:
 
 # ---------------------------------------------------------------- RNG states
 
+def _rng_to_plain(state: dict) -> dict:
+    """numpy's legacy state tuple -> a tensor and plain numbers (weights_only-loadable)."""
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    return {**state, "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+                               "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = _rng_to_plain({"python": random.getstate(), "numpy": np.random.get_state(),
+                           "torch": torch.get_rng_state()})
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -114,7 +171,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

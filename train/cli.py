@@ -11,6 +11,7 @@
     kfe latents encode --vae DIR --data IMAGES --out DIR   VAE latent shards for kfe train dit
     kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
+    kfe checkpoint upgrade F   rewrite an old (format 1) checkpoint so it loads with weights_only=True
     kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
 
 Run `kfe <command> --help` for the options of each command.

@@ -71,6 +71,7 @@ def os_error(err: OSError) -> str:
 
 
 def train_command(argv: list[str]) -> int:
+    from train.checkpoint import UnsafeCheckpointError
     from train.config import ConfigError
     from train.data import DataError
 
@@ -91,7 +92,7 @@ def train_command(argv: list[str]) -> int:
         config_file, preset = _pop(rest, "--config"), _pop(rest, "--preset") or "auto"
         cfg, preset = resolve_config(name, config_file, preset, rest)
         train(name, cfg, preset)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, UnsafeCheckpointError) as err:
         print(f"kfe train {name}: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:
@@ -159,6 +160,22 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_command(args: argparse.Namespace) -> int:
+    """`kfe checkpoint upgrade FILE...`: format-1 checkpoints rewritten as weights-only-loadable format 2."""
+    from train.checkpoint import upgrade
+
+    try:
+        for path in args.files:
+            print(f"upgraded {upgrade(path)}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kfe checkpoint upgrade: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"kfe checkpoint upgrade: error: {os_error(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """`kfe bench recipe NAME ...` / `kfe bench model NAME ...`: the names after them are recipes / models."""
     from engine import cli as engine_cli
@@ -197,6 +214,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output .pt (torch.save of the state dict) or .safetensors")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.set_defaults(func=export_command)
+    p = sub.add_parser("checkpoint", help="checkpoint maintenance (kfe checkpoint upgrade FILE)")
+    p.add_argument("action", choices=["upgrade"], help="upgrade: rewrite old (format 1) KFE checkpoints in "
+                   "place so they load with weights_only=True")
+    p.add_argument("files", nargs="+", help="ckpt-*.pt files")
+    p.set_defaults(func=checkpoint_command)
     sub.choices["bench"].set_defaults(func=bench_command)
     sub.choices["bench"].add_argument("--profile", action="store_true",
                                       help="record the whole benchmark with torch.profiler: bench-trace.json (or "

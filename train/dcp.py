@@ -120,8 +120,9 @@ def read_meta(path: str) -> dict:
     """The non-tensor part of a sharded checkpoint, with "dcp": its path (the tensors stay on disk)."""
     if not os.path.isfile(os.path.join(path, ".metadata")) or not os.path.isfile(os.path.join(path, META)):
         raise ValueError(f"{path} is not a complete sharded checkpoint (no .metadata or {META})")
-    # weights_only=False: our own run's file (numpy RNG states, python objects), read only from its run dir
-    meta = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+    from train.checkpoint import safe_load  # weights_only=True, as every other checkpoint file
+
+    meta = safe_load(os.path.join(path, META))
     return {**meta, "dcp": path}
 
 

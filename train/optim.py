@@ -28,10 +28,52 @@ def param_groups(model: nn.Module, weight_decay: float, skip: tuple[str, ...] = 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def scaled(groups: list[dict], lr: float) -> list[dict]:
+    """Groups with an "lr_scale" (layer-wise decay, train/lr_decay.py) get lr * lr_scale as their own lr:
+    the schedule multiplies each group's initial lr, so the scale holds at every step."""
+    return [{**g, "lr": lr * g["lr_scale"]} if "lr_scale" in g else g for g in groups]
+
+
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
     # fused AdamW is one kernel per step on CUDA; the default foreach path elsewhere.
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+    return torch.optim.AdamW(scaled(groups, lr), lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., arXiv 1708.03888) as MAE's linear probe uses it (util/lars.py): for parameters
+    with more than one dimension the update (grad + wd * w) is scaled by trust * |w| / |update| (1 when
+    either norm is 0); biases and norm parameters take the plain update; then SGD momentum."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w_norm, d_norm = torch.norm(p), torch.norm(d)
+                    one = torch.ones_like(w_norm)
+                    q = torch.where(w_norm > 0, torch.where(d_norm > 0, g["trust_coefficient"] * w_norm / d_norm,
+                                                            one), one)
+                    d = d.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(g["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-g["lr"])
+
+
+def lars(groups: list[dict], lr: float, betas, device) -> LARS:
+    """The trainer's optimizer signature (betas unused: LARS has momentum 0.9)."""
+    return LARS(scaled(groups, lr), lr=lr)
 
 
 class WarmupCosine:

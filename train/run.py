@@ -40,7 +40,10 @@ def resolve_config(recipe_name: str, config_file: str | None = None, preset: str
     else:
         raise config_mod.ConfigError(f"unknown preset {preset!r} for {recipe_name}; choose paper, "
                                      + ", ".join(recipe.presets))
-    return config_mod.resolve(recipe.config, mapping, toml, over), preset
+    cfg = config_mod.resolve(recipe.config, mapping, toml, over)
+    if recipe.resolve is not None:
+        recipe.resolve(cfg)
+    return cfg, preset
 
 
 def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
@@ -99,6 +102,8 @@ def load_for_eval(path: str, overrides: list[str] | None = None, ema: bool = Fal
     ckpt = _with_model(read_checkpoint(_checkpoint_path(path)))
     recipe = get(ckpt["recipe"])
     cfg = config_mod.from_dict(recipe.config, ckpt["config"])
+    if getattr(cfg, "init", ""):  # fine-tuned runs: the weights come from this checkpoint, not the --init file
+        cfg.init = ""
     config_mod.apply_mapping(cfg, config_mod.parse_overrides(recipe.config, overrides or []), "command line")
     info = dist_mod.init(cfg.device)
     data = recipe.build_data(cfg, info)

@@ -132,7 +132,7 @@ class Trainer:
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
         self.lr = cfg.lr if cfg.lr > 0 else cfg.blr * cfg.batch_size / 256
         groups = (self.task.param_groups or (lambda m: param_groups(m, cfg.weight_decay)))(self.module)
-        self.optimizer = adamw(groups, self.lr, cfg.betas, self.device)
+        self.optimizer = (self.task.optimizer or adamw)(groups, self.lr, cfg.betas, self.device)
         self.scheduler = scheduler(self.optimizer, self.total_steps, self.warmup, self.lr, cfg.min_lr)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.start_step = 0

@@ -14,9 +14,11 @@ from train import checkpoint as ckpt
 from train.cli import main as kfe_main
 
 STEPS = 8
-# Data workers, drop path and Mixup/CutMix all on: every source of randomness must resume exactly.
+# Data workers, drop path, random erasing and Mixup/CutMix all on: every source of randomness
+# must resume exactly.
 ARGS = ["train", "supervised", "--data", "shapes", *TINY, "--steps", str(STEPS), "--ckpt_every", "3",
         "--deterministic", "--num_workers", "1", "--drop_path", "0.1", "--mixup", "0.8", "--cutmix", "1.0",
+        "--reprob", "0.25",
         "--ema", "--ema_decay", "0.9", "--keep_ckpts", "0"]
 
 

@@ -79,12 +79,12 @@ def _folder_split(spec: str, split: str) -> str | None:
 
 def open_split(spec: str, split: str, *, resolution: int, fields: tuple[str, ...], augment: str,
                seed: int, rank: int = 0, world: int = 1, shapes: ShapesOptions | None = None,
-               crop_min_scale: float = 0.08, crop_pct: float = 0.875) -> Split | None:
+               crop_min_scale: float = 0.08, crop_pct: float = 0.875, randaug: str = "") -> Split | None:
     """The `split` ("train" | "val" | "all" for a folder) of a data spec, transformed; None when the spec
     has no such split (an ImageFolder without val/; WebDataset shards, whose held-out shards are their
     own spec: see open_eval). A WebDataset train split is an endless stream."""
     kind = check(spec)
-    transform = make_transform(resolution, augment, crop_min_scale, crop_pct)
+    transform = make_transform(resolution, augment, crop_min_scale, crop_pct, randaug=randaug)
     if kind == "shapes":
         opts = shapes or ShapesOptions()
         base = shapes_mod.Shapes(split, opts.size if split == "train" else opts.val_size, resolution,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import io
 import math
+import random
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,15 +86,57 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
 
 
-def make_transform(resolution: int, augment: str, crop_min_scale: float = 0.08,
-                   crop_pct: float = 0.875) -> Callable[[Image.Image | np.ndarray, np.random.Generator], torch.Tensor]:
-    """(image, rng) -> (3, res, res) uint8. augment: none (eval: resize + centre crop), flip, rrc (+ flip)."""
+def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
+    """timm's posterize, also for bits = 0 (keep no bit: black), which "inc1" reaches at magnitude 10 and
+    Pillow >= 11's ImageOps.posterize rejects; older Pillow's lookup table gave black there too."""
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits)
+
+
+def rand_augment(spec: str, resolution: int) -> Callable[[Image.Image, np.random.Generator], Image.Image]:
+    """timm's RandAugment (e.g. "rand-m9-mstd0.5-inc1": 2 ops, magnitude 9, magnitude std 0.5, as ConvNeXt,
+    MAE and ConvNeXt V2 fine-tune), with timm's ImageNet hparams. timm draws from Python's and numpy's global
+    generators: both are seeded from the sample's rng and restored after, so the result stays a function of
+    the sample (whatever worker draws it: exact resume)."""
+    from timm.data import rand_augment_transform
+
+    hparams = {"translate_const": int(resolution * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)}
+    try:
+        op = rand_augment_transform(spec, hparams)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ValueError(f"randaug {spec!r} is not a timm RandAugment spec like 'rand-m9-mstd0.5-inc1': {err}") from None
+    for o in op.ops:  # (see _posterize)
+        if o.aug_fn.__name__ == "posterize":
+            o.aug_fn = _posterize
+
+    def apply(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        saved, saved_np = random.getstate(), np.random.get_state()
+        random.seed(int(rng.integers(2**63)))
+        np.random.seed(int(rng.integers(2**32)))  # timm picks the ops with np.random.choice
+        try:
+            return op(img)
+        finally:
+            random.setstate(saved)
+            np.random.set_state(saved_np)
+
+    apply.op = op  # (for tests)
+    return apply
+
+
+def make_transform(resolution: int, augment: str, crop_min_scale: float = 0.08, crop_pct: float = 0.875,
+                   randaug: str = "") -> Callable[[Image.Image | np.ndarray, np.random.Generator], torch.Tensor]:
+    """(image, rng) -> (3, res, res) uint8. augment: none (eval: resize + centre crop), flip, rrc (+ flip);
+    randaug: a timm RandAugment spec applied after them ('' = none)."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    ra = rand_augment(randaug, resolution) if randaug else None
 
     def transform(img, rng: np.random.Generator) -> torch.Tensor:
         if isinstance(img, np.ndarray):
-            if img.shape[:2] == (resolution, resolution) and augment != "rrc":
+            if img.shape[:2] == (resolution, resolution) and augment != "rrc" and ra is None:
                 if augment == "flip" and rng.random() < 0.5:
                     img = img[:, ::-1]
                 return to_tensor(img)
@@ -105,6 +148,8 @@ def make_transform(resolution: int, augment: str, crop_min_scale: float = 0.08,
             img = _center(img, resolution, crop_pct)
         if augment in ("flip", "rrc") and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if ra is not None:
+            img = ra(img, rng)
         return to_tensor(img)
 
     return transform

@@ -121,6 +121,7 @@ class Task:
     state_dict: Callable[[], dict] | None = None   # recipe state for checkpoints (per rank)
     load_state_dict: Callable[[dict], None] | None = None
     run_files: dict[str, str] = field(default_factory=dict)  # written into the run directory at the start
+    optimizer: Callable | None = None  # (groups, lr, betas, device) -> Optimizer (default: train.optim.adamw)
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Recipe:
     export: Callable[[dict], dict] | None = None  # trained state dict -> official keys (default: as is)
     bench: dict[str, list[tuple]] | None = None   # `kfe bench recipe`: {device type: [(model, res, batch,
     #                                              workers), ...]} (default: train/bench.py's ConvNeXt settings)
+    resolve: Callable[[object], None] | None = None  # fills config values that depend on others (e.g. drop
+    #                                              path per model size), after the overrides
 
 
 RECIPES: dict[str, Recipe] = {}

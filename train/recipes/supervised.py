@@ -3,8 +3,9 @@
 Defaults are ConvNeXt's ImageNet-1K recipe (Liu et al., arXiv 2201.03545, Appendix A.1, Table 5):
 AdamW, lr 4e-3 at batch 4096 (blr 2.5e-4 with lr = blr * batch / 256), weight decay 0.05, betas
 (0.9, 0.999), 300 epochs with 20 warmup and cosine decay, label smoothing 0.1, Mixup 0.8, CutMix 1.0,
-stochastic depth 0.1 (ConvNeXt-T; 0.4 S, 0.5 B/L), EMA 0.9999. Not implemented here: RandAugment
-(9, 0.5) and Random Erasing 0.25 (RandomResizedCrop + flip only).
+RandAugment (9, 0.5) (timm's "rand-m9-mstd0.5-inc1", per sample in the loader), Random Erasing 0.25 (timm's
+RandomErasing, per-pixel normal values, on the normalised batch), stochastic depth per model size
+(Table 5 / A.1: T 0.1, S 0.4, B 0.5, L 0.5, XL 0.5; `drop_path = -1` picks it), EMA 0.9999.
 
 The `shapes` preset (chosen automatically for --data shapes) is a CPU-sized run: a 0.2M-parameter
 ConvNeXt V2 (Atto with one block per stage, dims 16..128) at 32 px, batch 64, 1000 steps, no Mixup/EMA,
@@ -39,7 +40,10 @@ class SupervisedConfig(TrainConfig):
     model: str = opt("convnext_tiny", "registered model name (models.list_models())")
     model_kwargs: dict = opt({}, "create_model overrides, e.g. {\"depths\": [1,1,1,1], \"dims\": [16,32,64,128]}")
     num_classes: int = opt(0, "classifier outputs (0 = the data's class count)")
-    drop_path: float = opt(0.1, "stochastic depth rate (ConvNeXt-T 0.1, S 0.4, B/L 0.5)")
+    drop_path: float = opt(-1.0, "stochastic depth rate; -1 = the ConvNeXt paper's for the size (T 0.1, S 0.4, "
+                                 "B/L/XL 0.5; other models 0.1)")
+    randaug: str = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' = off): 2 ops, magnitude 9, std 0.5")
+    reprob: float = opt(0.25, "random erasing probability (timm RandomErasing, pixel mode; 0 = off)")
     head_init_scale: float = opt(1.0, "scale of the classifier's initial weights")
     label_smoothing: float = opt(0.1, "label smoothing")
     mixup: float = opt(0.8, "Mixup alpha (0 = off)")
@@ -57,11 +61,23 @@ PRESETS = {
         "model": "convnextv2_atto", "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]},
         "resolution": 32, "batch_size": 64, "steps": 1000, "warmup_steps": 50, "blr": 4e-3, "min_lr": 1e-5,
         "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": False, "num_workers": 1, "log_every": 25,
+        "randaug": "", "reprob": 0.0,
         "eval_every": 250, "ckpt_every": 250, "eval_batch_size": 250, "shapes": {"val_size": 1000},
     },
 }
 
 FIELDS = ("image", "label")
+# ConvNeXt paper, Table 5 / Appendix A.1 (ImageNet-1K training): stochastic depth per model size.
+DROP_PATH = {"convnext_tiny": 0.1, "convnext_small": 0.4, "convnext_base": 0.5, "convnext_large": 0.5,
+             "convnext_xlarge": 0.5}
+
+
+def resolve(cfg: SupervisedConfig) -> None:
+    """drop_path -1 -> the paper's value for the model (0.1 for models the table does not list)."""
+    if cfg.drop_path < 0:
+        cfg.drop_path = DROP_PATH.get(cfg.model, 0.1)
+    if not 0.0 <= cfg.reprob <= 1.0:
+        raise ConfigError(f"reprob must be in [0, 1], got {cfg.reprob}")
 
 
 def build_data(cfg: SupervisedConfig, info: DistInfo) -> Data:
@@ -71,7 +87,7 @@ def build_data(cfg: SupervisedConfig, info: DistInfo) -> Data:
     augment = cfg.augment if cfg.augment != "auto" else ("none" if kind == "shapes" else "rrc")
     train = data_mod.open_split(cfg.data, "train", resolution=cfg.resolution, fields=FIELDS, augment=augment,
                                 seed=cfg.seed, rank=info.rank, world=info.world, shapes=cfg.shapes,
-                                crop_min_scale=cfg.crop_min_scale)
+                                crop_min_scale=cfg.crop_min_scale, randaug=cfg.randaug)
     if train is None:
         raise DataError(f"--data {cfg.data!r} has no training split")
     val = data_mod.open_eval(cfg.val_data or cfg.data, resolution=cfg.resolution, fields=FIELDS, seed=cfg.seed,
@@ -99,6 +115,8 @@ def _size_kw(cfg: SupervisedConfig) -> dict:
 
 
 def build_model(cfg: SupervisedConfig, num_classes: int, device: str | torch.device | None = None):
+    if cfg.drop_path < 0:
+        resolve(cfg)
     kw = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path, **_size_kw(cfg), **cfg.model_kwargs)
     if cfg.head_init_scale != 1.0:
         kw["head_init_scale"] = cfg.head_init_scale
@@ -106,14 +124,18 @@ def build_model(cfg: SupervisedConfig, num_classes: int, device: str | torch.dev
         return models.create_model(cfg.model, **kw)
 
 
-def build_task(cfg: SupervisedConfig, data: Data, info: DistInfo) -> Task:
+def build_task(cfg: SupervisedConfig, data: Data, info: DistInfo, model: torch.nn.Module | None = None) -> Task:
+    """The classification task; `model` replaces the one built from cfg (fine-tuning / linear probing)."""
     n_cls = _num_classes(cfg, data)
-    model = build_model(cfg, n_cls)
+    model = build_model(cfg, n_cls) if model is None else model
     macs = models.count_flops(build_model(cfg, n_cls, "meta"), (1, 3, cfg.resolution, cfg.resolution))
     mix = MixupCutmix(n_cls, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.label_smoothing)
+    erase = random_erasing(cfg.reprob)
 
     def loss(net, batch, step):
         x, y = batch["image"], batch["label"]
+        if erase is not None:
+            x = erase(x)
         if mix.active:
             x, target = mix(x, y)
             return soft_cross_entropy(net(x), target), {}
@@ -135,6 +157,23 @@ def build_task(cfg: SupervisedConfig, data: Data, info: DistInfo) -> Task:
                 channels_last=True, describe=describe)
 
 
+def random_erasing(prob: float):
+    """timm's RandomErasing (DeiT / ConvNeXt / MAE: pixel mode, one box, per sample) on a normalised batch,
+    or None when prob is 0. It draws from Python's `random` and torch's generator, both checkpointed."""
+    if prob <= 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    ops: dict = {}
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if x.device not in ops:
+            ops[x.device] = RandomErasing(probability=prob, mode="pixel", device=x.device)
+        return ops[x.device](x.clone())
+
+    return apply
+
+
 def describe(m: dict) -> str:
     line = f"held-out top-1 {percent(m['top1'])} (chance {percent(m['chance'])}, {m['n']} images)"
     if "ema_top1" in m:
@@ -148,4 +187,5 @@ BENCH = {  # kfe bench recipe supervised: (model, resolution, global batch, load
 }
 
 RECIPE = register(Recipe("supervised", SupervisedConfig, build_data, build_task, PRESETS, bench=BENCH,
-                         help="image classification: ConvNeXt / ConvNeXt V2 / ViT (ConvNeXt's ImageNet recipe)"))
+                         help="image classification: ConvNeXt / ConvNeXt V2 / ViT (ConvNeXt's ImageNet recipe)",
+                         resolve=resolve))

@@ -1,0 +1,140 @@
+"""Safe loading: every checkpoint is read with torch.load(weights_only=True); a pickle that would run code
+is refused by each loading command with a one-line error, and old (format 1) KFE checkpoints are converted
+once by `kfe checkpoint upgrade` (never loaded with weights_only=False)."""
+import os
+import pathlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tests.train.util import TINY
+from train import checkpoint as ckpt_mod
+from train.cli import main as kfe_main
+
+DIT = ["--resolution", "16", "--model", "dit_s_4", "--model_kwargs", '{"hidden_size": 32, "depth": 1, "num_heads": 2}',
+       "--batch_size", "16", "--num_workers", "0", "--progress", "false", "--shapes.val_size", "32",
+       "--eval_batch_size", "32", "--eval_samples", "32", "--warmup_steps", "0", "--log_every", "1"]
+SUP = ["--data", "shapes", *TINY, "--num_workers", "0", "--device", "cpu"]
+
+
+class Evil:
+    """Unpickling this touches a file: what a hostile checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def _evil(tmp_path, name="ckpt-00000001.pt") -> tuple[str, str]:
+    marker = str(tmp_path / "pwned")
+    path = str(tmp_path / name)
+    torch.save({"format": ckpt_mod.FORMAT_VERSION, "recipe": "supervised", "step": 1, "model": Evil(marker)}, path)
+    return path, marker
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 1-step supervised run and a 1-step dit run (format-2 checkpoints)."""
+    root = tmp_path_factory.mktemp("safe")
+    sup, dit = str(root / "sup"), str(root / "dit")
+    assert kfe_main(["train", "supervised", *SUP, "--steps", "1", "--out", sup]) == 0
+    assert kfe_main(["train", "dit", "--data", "shapes", *DIT, "--steps", "1", "--out", dit, "--device", "cpu"]) == 0
+    return sup, dit
+
+
+def _commands(path, tmp_path):
+    """Every KFE command that reads a checkpoint file, pointed at `path`."""
+    out = str(tmp_path / "o")
+    return {
+        "train --resume": ["train", "supervised", *SUP, "--steps", "2", "--out", out + "r", "--resume", path],
+        "eval": ["eval", path, "--device", "cpu", "--num_workers", "0"],
+        "sample": ["sample", "dit", "--ckpt", path, "--out", out + ".png", "--steps", "2", "--quiet"],
+        "export": ["export", path, out + ".pt"],
+        "finetune --init": ["train", "finetune", *SUP, "--model", "convnextv2_atto", "--steps", "1", "--out", out + "f", "--init", path],
+        "linprobe --init": ["train", "linprobe", *SUP, "--model", "convnextv2_atto", "--steps", "1", "--out", out + "l", "--init", path],
+    }
+
+
+@pytest.mark.parametrize("command", ["train --resume", "eval", "sample", "export", "finetune --init",
+                                     "linprobe --init"])
+def test_each_loading_command_refuses_a_malicious_pickle(tmp_path, capsys, command):
+    path, marker = _evil(tmp_path)
+    argv = _commands(path, tmp_path)[command]
+    assert kfe_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert not os.path.exists(marker), "the pickle's code ran"
+    assert len(err.splitlines()) == 1 and "refusing to load" in err and "references getattr" in err, err
+
+
+def test_resume_auto_refuses_rather_than_skipping_a_malicious_newest_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    path, marker = _evil(out)
+    assert kfe_main(["train", "supervised", *SUP, "--steps", "2", "--out", str(out), "--resume", "auto"]) == 2
+    assert "refusing to load" in capsys.readouterr().err and not os.path.exists(marker)
+
+
+def test_every_loading_command_uses_weights_only(runs, tmp_path, monkeypatch, capsys):
+    sup, dit = runs
+    real = torch.load
+    calls = []
+
+    def strict(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, f"torch.load without weights_only=True: {kwargs}"
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", strict)
+    for name, argv in _commands(ckpt_mod.find_resume(sup, "auto"), tmp_path).items():
+        if name == "sample":
+            argv = _commands(dit, tmp_path)["sample"]
+        n = len(calls)
+        assert kfe_main(argv) == 0, (name, capsys.readouterr().err[-2000:])
+        assert len(calls) > n, f"{name} read no checkpoint"
+    old = _format1(tmp_path)
+    assert kfe_main(["checkpoint", "upgrade", old]) == 0
+
+
+def _format1(tmp_path) -> str:
+    """A checkpoint as format 1 wrote it: numpy's RNG state tuple (an ndarray) inside."""
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    path = str(tmp_path / "ckpt-00000007.pt")
+    torch.save({"format": 1, "recipe": "supervised", "step": 7, "rng": [state], "model": {}}, path)
+    return path
+
+
+def test_upgrade_converts_format_1_and_restores_the_same_random_streams(tmp_path, capsys):
+    path = _format1(tmp_path)
+    with pytest.raises(ckpt_mod.UnsafeCheckpointError, match="kfe checkpoint upgrade"):
+        ckpt_mod.load(path)
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    assert kfe_main(["checkpoint", "upgrade", path]) == 0
+    ckpt = ckpt_mod.load(path)
+    assert ckpt["format"] == 2 and ckpt["step"] == 7
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ckpt_mod.set_rng_state(ckpt["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+def test_upgrade_still_refuses_code(tmp_path, capsys):
+    path, marker = _evil(tmp_path)
+    assert kfe_main(["checkpoint", "upgrade", path]) == 2
+    assert "refusing to load" in capsys.readouterr().err and not os.path.exists(marker)
+
+
+def test_rng_state_roundtrips_through_a_weights_only_file(tmp_path):
+    np.random.seed(5)
+    np.random.randn()  # a cached Gaussian: has_gauss = 1
+    state = ckpt_mod.rng_state()
+    path = str(tmp_path / "r.pt")
+    torch.save(state, path)
+    expected = (random.random(), np.random.randn(), torch.rand(()).item())
+    ckpt_mod.set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), np.random.randn(), torch.rand(()).item()) == expected
