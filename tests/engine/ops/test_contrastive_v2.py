@@ -118,3 +118,19 @@ def test_split_partials_match_reference_and_are_bitwise_reproducible(monkeypatch
         assert _rel(got, want) <= 1e-5
     loss2, grads2, _, _ = _run(*f32, kind)
     assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_autocast_cast_traces_without_graph_breaks():
+    image, text, scale, _ = _inputs(32, 16, "clip")
+    image, text, scale = image.float().requires_grad_(), text.float(), scale.float()
+
+    def step(image, text, scale):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return contrastive_loss(image, text, scale)
+
+    with engine.use_backend("triton"):
+        eager = step(image, text, scale)
+        with count_triton() as counted:
+            compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(image, text, scale)
+    assert counted.dot_dtypes() == {("bf16", "bf16")}
+    assert torch.equal(compiled, eager)
