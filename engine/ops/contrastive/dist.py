@@ -12,7 +12,7 @@ is d(sum_k loss_k)/d(own rows) = W * dL/d(own rows). DDP averages parameter grad
 ranks, which cancels the W: DDP training with this loss has exactly the parameter gradients of
 single-process training on the concatenated batch (tests/engine/ops/test_contrastive_dist.py checks
 this under torchrun). logit_scale/logit_bias get each rank's own dloss_k/ds, averaged the same way.
-Every rank must pass the same batch size (checked).
+Every rank must pass the same batch size (checked once per shape, then cached: no host sync per step).
 """
 from __future__ import annotations
 
@@ -56,13 +56,24 @@ class _GatherRows(torch.autograd.Function):
         return grad[rank * b:(rank + 1) * b], None
 
 
+_CHECKED: set = set()  # (group, local shape) pairs whose sizes every rank has confirmed equal
+
+
 def _check_batch_sizes(image: torch.Tensor, group) -> None:
+    """Every rank must pass one (B_local, D). The sizes are exchanged (and read on the host: a sync)
+    only the first time this rank passes a shape in this group; later steps with that shape skip it,
+    so the training step has no host synchronisation. A rank that changes shape alone (and so skips
+    nothing) raises here while the others wait in the feature gather, and torchrun ends the job."""
+    key = (id(group), tuple(image.shape))
+    if key in _CHECKED:
+        return
     mine = torch.tensor([image.shape[0], image.shape[1]], device=image.device)
     sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, mine, group=group)
-    shapes = [tuple(s.tolist()) for s in sizes]
+    shapes = [tuple(s) for s in torch.stack(sizes).tolist()]
     if len(set(shapes)) != 1:
         raise ValueError(f"every rank must pass image/text of one shape (B_local, D); got {shapes} by rank")
+    _CHECKED.add(key)
 
 
 def contrastive_loss(image, text, logit_scale, logit_bias, kind, group):

@@ -137,6 +137,18 @@ def check(image, text, logit_scale, logit_bias, kind):
     return logit_scale, logit_bias
 
 
+def _autocast(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under autocast, the embeddings in the autocast dtype, as torch.matmul would take them: the similarity
+    dots then run in bf16/fp16 with fp32 accumulation (F.normalize returns float32 under autocast, so
+    without this a CLIP model would send float32 and run the exact-fp32 path)."""
+    device = image.device.type
+    if image.dtype in LOWP and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if image.dtype != dtype:
+            return image.to(dtype), text.to(dtype)
+    return image, text
+
+
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit_bias=None, *,
                      kind: str = "clip", group=None) -> torch.Tensor:
     """CLIP or SigLIP loss of L2-normalised image and text embeddings, never building B x B logits.
@@ -156,6 +168,10 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit
             is the mean over ranks), so DDP's gradient averaging yields exactly the gradients of the
             single-process loss on the concatenated batch (see dist.py).
 
+    Precision: under autocast the dots run in the autocast dtype (float32 embeddings are cast, as
+    torch.matmul does); float32 outside autocast runs TF32 dots when
+    torch.get_float32_matmul_precision() is "high"/"medium" and exact fp32 at "highest" (the default).
+
     Returns a 0-d float32 tensor (float64 for float64 input), differentiable in image, text,
     logit_scale and logit_bias. Non-finite inputs give a non-finite loss: a NaN anywhere gives NaN; an
     inf gives NaN or inf (which one depends on the order of operations and may differ between the
@@ -163,6 +179,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit
     gradients of a non-finite loss are unspecified (they may be finite, as SigLIP's saturate).
     """
     logit_scale, logit_bias = check(image, text, logit_scale, logit_bias, kind)
+    image, text = _autocast(image, text)
     from engine.ops.contrastive import dist
 
     group = dist.resolve_group(group)

@@ -1,16 +1,21 @@
 """kfe::grn in Triton: forward and backward, channels-last, optional per-sample visibility mask.
 
-x is viewed as R = N*H*W rows of C channels. Each direction is three launches:
+x is viewed as R = N*H*W rows of C channels. Each direction is two launches:
 
   reduce   (N, C-blocks, splits)  sums over H*W per (n, c): x^2, and for backward dy*x and dy
-  stats    (N,)                   per sample: Gx = sqrt(sum x^2), D = mean_c Gx + eps and the
-                                  per-channel coefficients of the elementwise pass
-  apply    (R-blocks, C-blocks)   y = x*scale + beta, or dx = dy*scale + x*shift; 0 at masked rows
+  apply    (N, HW-blocks, C-blocks)  per sample, from the reduce's partials: Gx = sqrt(sum x^2),
+                                  D = mean_c Gx + eps and the per-channel coefficients (recomputed by
+                                  each program from O(SPLIT * C) partials: no stats launch, no (N, C)
+                                  tables gathered per element); then y = x*scale + beta, or
+                                  dx = dy*scale + x*shift; 0 at masked rows; backward also writes the
+                                  per-sample dgamma/dbeta (summed over N in torch)
 
-so memory traffic is the minimum for a two-pass algorithm: forward reads x twice and writes y;
-backward reads x and dy twice and writes dx. All arithmetic is fp32. When N * C-blocks is too small
-to fill the GPU, the H*W reduction is split and the stats kernel adds the partial sums, which keeps
-the result deterministic (no atomics).
+Counted budget (tests/engine/ops/test_grn_v2.py, under the interpreter): launches 2 forward, 2
+backward; bytes (unmasked lanes) within 1.25x of the two-pass ideal: forward reads x twice and writes
+y (3 R C elements), backward reads x and dy twice and writes dx (5 R C elements); the partials and
+gamma/beta (O(N * SPLIT * C) per program) are the rest. gamma/beta are cast to fp32 in the kernels.
+All arithmetic is fp32. When N * C-blocks is too small to fill the GPU, the H*W reduction is split and
+the apply kernel adds the partial sums, which keeps the result deterministic (no atomics).
 """
 from __future__ import annotations
 
@@ -73,96 +78,66 @@ def _sum_splits(part_ptr, n, cols, ok, C, SPLIT):
 
 
 @triton.jit
-def _grn_fwd_stats_kernel(
-    part_ptr,   # (1, N, SPLIT, C) fp32 partial sums of x^2
-    gamma_ptr,  # (C,) fp32
-    scale_ptr,  # (N, C) fp32 out: 1 + gamma * Nx, so that y = x * scale + beta
-    C, SPLIT, eps,
-    BLOCK_C: tl.constexpr,
-):
-    n = tl.program_id(0)
-    total = tl.zeros([BLOCK_C], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        total += tl.sqrt(_sum_splits(part_ptr, n, cols, cols < C, C, SPLIT))
-    denom = tl.sum(total, axis=0) / C + eps
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        ok = cols < C
-        gx = tl.sqrt(_sum_splits(part_ptr, n, cols, ok, C, SPLIT))
-        gamma = tl.load(gamma_ptr + cols, mask=ok, other=0.0)
-        tl.store(scale_ptr + n * C + cols, 1.0 + gamma * (gx / denom), mask=ok)
-
-
-@triton.jit
-def _grn_bwd_stats_kernel(
-    part_ptr,    # (3, N, SPLIT, C) fp32 partial sums [x^2, dy*x, dy]
-    gamma_ptr,   # (C,) fp32
-    scale_ptr,   # (N, C) fp32 out: 1 + gamma * Nx            (dx = dy * scale + x * shift)
-    shift_ptr,   # (N, C) fp32 out: dGx / Gx, 0 where Gx = 0  (torch.norm's subgradient)
-    dparam_ptr,  # (2, N, C) fp32 out: per-sample dgamma and dbeta, summed over N afterwards
-    N, C, SPLIT, eps,
-    BLOCK_C: tl.constexpr,
-):
-    n = tl.program_id(0)
-    plane = N * SPLIT * C
-    total = tl.zeros([BLOCK_C], tl.float32)
-    cross = tl.zeros([BLOCK_C], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        ok = cols < C
-        gx = tl.sqrt(_sum_splits(part_ptr, n, cols, ok, C, SPLIT))
-        s = _sum_splits(part_ptr + plane, n, cols, ok, C, SPLIT)
-        gamma = tl.load(gamma_ptr + cols, mask=ok, other=0.0)
-        total += gx
-        cross += gamma * s * gx
-    denom = tl.sum(total, axis=0) / C + eps
-    cross_term = tl.sum(cross, axis=0) / (denom * denom * C)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        ok = cols < C
-        gx = tl.sqrt(_sum_splits(part_ptr, n, cols, ok, C, SPLIT))
-        s = _sum_splits(part_ptr + plane, n, cols, ok, C, SPLIT)
-        b = _sum_splits(part_ptr + 2 * plane, n, cols, ok, C, SPLIT)
-        gamma = tl.load(gamma_ptr + cols, mask=ok, other=0.0)
-        nx = gx / denom
-        dgx = gamma * s / denom - cross_term
-        shift = tl.where(gx > 0, dgx / tl.where(gx > 0, gx, 1.0), 0.0)
-        tl.store(scale_ptr + n * C + cols, 1.0 + gamma * nx, mask=ok)
-        tl.store(shift_ptr + n * C + cols, shift, mask=ok)
-        tl.store(dparam_ptr + n * C + cols, s * nx, mask=ok)
-        tl.store(dparam_ptr + N * C + n * C + cols, b, mask=ok)
-
-
-@triton.jit
 def _grn_apply_kernel(
     a_ptr,      # (R, C) forward: x; backward: dy
     x_ptr,      # (R, C) backward: x; unused in forward
     mask_ptr,   # (R,) uint8, nonzero = visible; read only when HAS_MASK
-    scale_ptr,  # (N, C) fp32 per-sample scale of a
-    shift_ptr,  # (N, C) fp32 per-sample scale of x (backward) | (C,) fp32 beta (forward)
+    part_ptr,   # (K, N, SPLIT, C) fp32 partial sums from _grn_reduce_kernel
+    gamma_ptr,  # (C,) gamma in its own dtype
+    beta_ptr,   # (C,) beta in its own dtype (forward); unused in backward
     out_ptr,    # (R, C) y or dx, in the input dtype
-    R, HW, C,
+    dparam_ptr, # (2, N, C) fp32 out (backward): per-sample dgamma and dbeta, summed over N afterwards
+    N, HW, C, SPLIT, eps,
     HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < R
+    n = tl.program_id(0)
+    hb = tl.program_id(1)
+    cb = tl.program_id(2)
+    plane = N * SPLIT * C
+    # Per-sample statistics, recomputed by every program from the (SPLIT, C) partials of its sample
+    # (O(SPLIT * C) loads, cached) instead of a separate stats launch and (N, C) tables.
+    total = tl.zeros([BLOCK_C], tl.float32)
+    cross = tl.zeros([BLOCK_C], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cs_ok = cs < C
+        g_all = tl.sqrt(_sum_splits(part_ptr, n, cs, cs_ok, C, SPLIT))
+        total += g_all
+        if BACKWARD:
+            s_all = _sum_splits(part_ptr + plane, n, cs, cs_ok, C, SPLIT)
+            gam = tl.load(gamma_ptr + cs, mask=cs_ok, other=0.0).to(tl.float32)
+            cross += gam * s_all * g_all
+    denom = tl.sum(total, axis=0) / C + eps
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
+    gx = tl.sqrt(_sum_splits(part_ptr, n, cols, col_ok, C, SPLIT))
+    gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    nx = gx / denom
+    scale = 1.0 + gamma * nx  # y = x * scale + beta; dx = dy * scale + x * shift
+    if BACKWARD:
+        s = _sum_splits(part_ptr + plane, n, cols, col_ok, C, SPLIT)
+        dgx = gamma * s / denom - tl.sum(cross, axis=0) / (denom * denom * C)
+        shift = tl.where(gx > 0, dgx / tl.where(gx > 0, gx, 1.0), 0.0)  # torch.norm's subgradient at 0
+        if hb == 0:
+            tl.store(dparam_ptr + n * C + cols, s * nx, mask=col_ok)
+            tl.store(dparam_ptr + (N + n) * C + cols, _sum_splits(part_ptr + 2 * plane, n, cols, col_ok, C, SPLIT),
+                     mask=col_ok)
+    else:
+        shift = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    hw = hb * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = hw < HW
+    rows = n.to(tl.int64) * HW + hw
     visible = row_ok
     if HAS_MASK:
         visible = visible & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     read_ok = visible[:, None] & col_ok[None, :]
     offs = rows[:, None] * C + cols[None, :]
-    table = (rows // HW)[:, None] * C + cols[None, :]
-    a = tl.load(a_ptr + offs, mask=read_ok, other=0.0).to(tl.float32)
-    out = a * tl.load(scale_ptr + table, mask=read_ok, other=0.0)
+    out = tl.load(a_ptr + offs, mask=read_ok, other=0.0).to(tl.float32) * scale[None, :]
     if BACKWARD:
-        x = tl.load(x_ptr + offs, mask=read_ok, other=0.0).to(tl.float32)
-        out += x * tl.load(shift_ptr + table, mask=read_ok, other=0.0)
+        out += tl.load(x_ptr + offs, mask=read_ok, other=0.0).to(tl.float32) * shift[None, :]
     else:
-        out += tl.load(shift_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        out += shift[None, :]
     out = tl.where(visible[:, None], out, 0.0)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -186,7 +161,7 @@ def _blocks(N: int, HW: int, C: int, device: torch.device) -> tuple[int, int, in
 def _prepare(x, gamma, mask):
     x = x.contiguous()
     N, H, W, C = x.shape
-    gamma = gamma.reshape(C).float().contiguous()
+    gamma = gamma.reshape(C).contiguous()  # cast to fp32 inside the kernels (no copy here)
     m = x if mask is None else mask.contiguous().view(torch.uint8)  # x: a dummy pointer, never read
     return x, gamma, m, (N, H * W, C)
 
@@ -201,11 +176,11 @@ def _reduce(x, dy, m, has_mask, dims, cfg, backward):
     return part
 
 
-def _apply(a, x, m, has_mask, scale, shift, out, dims, cfg, backward):
+def _apply(a, x, m, has_mask, part, gamma, beta, out, dparam, dims, cfg, eps, backward):
     N, HW, C = dims
-    block_r, block_c = cfg[0], cfg[1]
-    grid = (triton.cdiv(N * HW, block_r), triton.cdiv(C, block_c))
-    _grn_apply_kernel[grid](a, x, m, scale, shift, out, N * HW, HW, C,
+    block_r, block_c, split = cfg[0], cfg[1], cfg[2]
+    grid = (N, triton.cdiv(HW, block_r), triton.cdiv(C, block_c))
+    _grn_apply_kernel[grid](a, x, m, part, gamma, beta, out, dparam, N, HW, C, split, eps,
                             HAS_MASK=has_mask, BACKWARD=backward, BLOCK_R=block_r, BLOCK_C=block_c)
 
 
@@ -217,10 +192,8 @@ def forward(x, gamma, beta, mask, eps):
         return y
     cfg = _blocks(N, HW, C, x.device)
     part = _reduce(x, x, m, mask is not None, dims, cfg, backward=False)
-    scale = torch.empty((N, C), dtype=torch.float32, device=x.device)
-    _grn_fwd_stats_kernel[(N,)](part, gamma, scale, C, cfg[2], eps, BLOCK_C=cfg[1])
-    beta = beta.reshape(C).float().contiguous()
-    _apply(x, x, m, mask is not None, scale, beta, y, dims, cfg, backward=False)
+    beta = beta.reshape(C).contiguous()
+    _apply(x, x, m, mask is not None, part, gamma, beta, y, part, dims, cfg, eps, backward=False)
     return y
 
 
@@ -234,8 +207,6 @@ def backward(dy, x, gamma, mask, eps):
         return dx, zeros, zeros.clone()
     cfg = _blocks(N, HW, C, x.device)
     part = _reduce(x, dy, m, mask is not None, dims, cfg, backward=True)
-    scale, shift = (torch.empty((N, C), dtype=torch.float32, device=x.device) for _ in range(2))
     dparam = torch.empty((2, N, C), dtype=torch.float32, device=x.device)
-    _grn_bwd_stats_kernel[(N,)](part, gamma, scale, shift, dparam, N, C, cfg[2], eps, BLOCK_C=cfg[1])
-    _apply(dy, x, m, mask is not None, scale, shift, dx, dims, cfg, backward=True)
+    _apply(dy, x, m, mask is not None, part, gamma, gamma, dx, dparam, dims, cfg, eps, backward=True)
     return dx, dparam[0].sum(dim=0), dparam[1].sum(dim=0)  # separate sums: outputs may not alias
