@@ -29,6 +29,7 @@ def resolve_config(recipe_name: str, config_file: str | None = None, preset: str
     if preset in ("", "auto"):
         data = config_mod.merged_get("data", {"data": recipe.config().data}, toml, over)
         preset = "shapes" if kind_of(data) == "shapes" and "shapes" in recipe.presets else "paper"
+        preset = data if data in recipe.presets else preset  # a preset named after built-in data (shapes-parts)
     if preset == "paper":
         mapping = None
     elif preset in recipe.presets:
