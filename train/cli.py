@@ -10,6 +10,8 @@
     kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
     kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
+    kfe predict vlpart --ckpt RUN --image IMG --vocab "cat, cat:head" --out overlay.png   object/part masks
+    kfe vlpart parse RUN --out parsed.json    novel objects parsed into parts (dense correspondence)
 
 Run `kfe <command> --help` for the options of each command.
 """
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train import pseudo_bow
 
     pseudo_bow.add_subcommand(sub)
+    from train.vlpart import cli as vlpart_cli
+
+    vlpart_cli.add_subcommands(sub)
     return parser
 
 

@@ -46,6 +46,7 @@ class VLPart(nn.Module):
     def __init__(self, backbone: nn.Module, embed_dim: int, fpn_channels: int = 64, rep_size: int = 256,
                  mask_layers: tuple[int, ...] = (64, 64, 64, 64),
                  anchor_sizes=(8, 16, 32, 64, 128), rpn_batch: int = 128, roi_batch: int = 128,
+                 rpn_post_nms: int = 500,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 50):
         super().__init__()
         self.backbone = ConvNeXtFPN(backbone, fpn_channels)
@@ -53,7 +54,8 @@ class VLPart(nn.Module):
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(fpn_channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
             batch_size_per_image=rpn_batch, positive_fraction=0.5,
-            pre_nms_top_n=dict(training=1000, testing=500), post_nms_top_n=dict(training=500, testing=300),
+            pre_nms_top_n=dict(training=2 * rpn_post_nms, testing=500),
+            post_nms_top_n=dict(training=rpn_post_nms, testing=300),
             nms_thresh=0.7)
         levels = ["0", "1", "2", "3"]
         box_head = TwoMLPHead(fpn_channels * 7 * 7, rep_size)

@@ -42,6 +42,8 @@ def sigmoid_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits (R, C); labels (R,) in 0..C with 0 = background and c >= 1 = vocabulary entry c - 1."""
     if logits.shape[0] == 0:
         return logits.sum() * 0
+    if int(labels.max()) > logits.shape[1] or int(labels.min()) < 0:
+        raise ValueError(f"labels must be in 0..{logits.shape[1]} (0 = background), got {labels.min()}..{labels.max()}")
     target = torch.zeros(logits.shape[0], logits.shape[1] + 1, device=logits.device, dtype=logits.dtype)
     target[torch.arange(logits.shape[0], device=logits.device), labels] = 1
     loss = F.binary_cross_entropy_with_logits(logits, target[:, 1:], reduction="none")

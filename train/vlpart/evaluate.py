@@ -42,7 +42,7 @@ def predictions(model, ds, indices, text, prepare, batch: int = 16) -> list[dict
     out = []
     for s in range(0, len(indices), batch):
         idx = indices[s:s + batch]
-        images = torch.stack([torch.from_numpy(ds[i]["image"]).permute(2, 0, 1) for i in idx])
+        images = torch.stack([torch.from_numpy(np.array(ds[i]["image"])).permute(2, 0, 1) for i in idx])
         x = prepare({"image": images})["image"]
         for i, det in zip(idx, model.detect(x, text.to(x.device))):
             masks = (det["masks"] > 0.5).cpu().numpy().astype(np.uint8)
