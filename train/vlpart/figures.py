@@ -1,9 +1,10 @@
 """Collect the shapes-parts figures of VLPart runs into benchmarks/results/vlpart-shapes-parts.{json,md}.
 
-    python -m train.vlpart.figures OUT_STEM seed:BASE_RUN:PARSED_RUN [...]
+    python -m train.vlpart.figures OUT_STEM seed:BASE_RUN:PARSED_RUN:STEP [...]
 
-Each BASE_RUN has eval.json (written by training / `kfe eval`) and parsed.stats.json /
-parsed-pixels.stats.json (from `kfe vlpart parse`); each PARSED_RUN its eval.json.
+Both runs have the same schedule; the comparison is at the same STEP: BASE_RUN's held-out evaluation
+at STEP from its metrics.jsonl, PARSED_RUN's eval.json from `kfe eval PARSED_RUN/ckpt-<STEP>.pt`.
+BASE_RUN also has parsed.stats.json / parsed-pixels.stats.json (from `kfe vlpart parse`).
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def _load(path):
 def collect(specs: list[str]) -> dict:
     rows = []
     for spec in specs:
-        seed, base, parsed = spec.split(":")
-        row = {"seed": int(seed), "without": _load(os.path.join(base, "eval.json")),
+        seed, base, parsed, step = spec.split(":")
+        with open(os.path.join(base, "metrics.jsonl")) as f:
+            evals = [r for r in map(json.loads, f) if r["kind"] == "eval" and r["step"] == int(step)]
+        row = {"seed": int(seed), "step": int(step), "without": evals[-1],
                "with": _load(os.path.join(parsed, "eval.json"))}
         for kind in ("parsed", "parsed-pixels"):
             p = os.path.join(base, f"{kind}.stats.json")
@@ -45,14 +48,14 @@ def collect(specs: list[str]) -> dict:
 
 def markdown(doc: dict) -> str:
     m = doc["mean"]
-    lines = ["| seed | base-part AP50 | novel-part AP50 without parsed parts | novel-part AP50 with parsed parts | "
-             "object AP50 (with) | parsing mIoU: backbone / pixels |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| seed | step | base-part AP50 | novel-part AP50 without parsed parts | novel-part AP50 with parsed parts | "
+             "object AP50 (with) | parsing mIoU: backbone / pixels |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in doc["rows"]:
         q = [f"{r[k]['quality']['mean_iou']:.2f}" if k in r else "-" for k in ("parsed", "parsed-pixels")]
-        lines.append(f"| {r['seed']} | {r['without']['segm_base_parts_AP50']:.1f} | "
+        lines.append(f"| {r['seed']} | {r['step']} | {r['without']['segm_base_parts_AP50']:.1f} | "
                      f"{r['without']['segm_novel_parts_AP50']:.1f} | {r['with']['segm_novel_parts_AP50']:.1f} | "
                      f"{r['with']['segm_objects_AP50']:.1f} | {q[0]} / {q[1]} |")
-    lines.append(f"| mean | {m['without_segm_base_parts_AP50']:.1f} | {m['without_segm_novel_parts_AP50']:.1f} | "
+    lines.append(f"| mean | | {m['without_segm_base_parts_AP50']:.1f} | {m['without_segm_novel_parts_AP50']:.1f} | "
                  f"{m['with_segm_novel_parts_AP50']:.1f} | {m['with_segm_objects_AP50']:.1f} | "
                  f"{m.get('parsed_mean_iou', float('nan')):.2f} / {m.get('parsed-pixels_mean_iou', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
