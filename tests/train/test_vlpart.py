@@ -88,7 +88,7 @@ def _hand_made(root):
         dict(id=2, image_id=1, category_id=2, bbox=[10, 5, 20, 10], segmentation=rle),
         dict(id=3, image_id=2, category_id=3, bbox=[10, 5, 20, 10], segmentation={"size": [30, 40], "counts": runs}),
         dict(id=4, image_id=2, category_id=1, bbox=[1, 1, 5, 5], segmentation=[[]]),           # empty polygon
-        dict(id=5, image_id=2, category_id=1, bbox=[50, 40, 5, 5], segmentation=[[50, 40, 55, 40, 55, 45]]),  # outside
+        dict(id=5, image_id=2, category_id=1, bbox=[30, 20, 25, 5], segmentation=[[30, 20, 55, 20, 55, 25]]),  # sticks out
         dict(id=6, image_id=2, category_id=99, bbox=[10, 5, 20, 10], segmentation=rle),         # unknown category
     ]
     coco = {"images": [dict(id=1, file_name="im1.jpg", width=40, height=30),
@@ -173,9 +173,10 @@ def test_transfer_keeps_the_largest_components_as_many_as_the_base_has():
     leg1[:, 5:] = False
     leg2[:, :5] = False
     target = np.zeros((20, 20), bool)
-    target[10:14, 0:3] = target[10:14, 6:12] = target[18, 18] = True  # three blobs: 12, 24 and 1 pixel
+    target[10:14, 0:3] = target[10:14, 6:12] = target[17:19, 16:19] = True  # blobs of 12, 24 and 6 pixels
+    target[15, 15] = True                                                    # and a 1-pixel speck
     got = parse_mod.transfer(f, target, f, base, [("leg", leg1), ("leg", leg2)])
-    assert sorted(int(m.sum()) for _, m in got) == [12, 24]  # the 1-pixel speck is dropped
+    assert sorted(int(m.sum()) for _, m in got) == [12, 24]  # two legs in the base: the two largest
 
 
 def test_parse_writes_coco_part_annotations_for_novel_objects(tmp_path):
@@ -249,12 +250,13 @@ def test_overlay_draws_the_predicted_masks():
     masks[1, 20:28, 18:30] = 1
     dets = {"boxes": torch.tensor([[4.0, 4, 12, 12], [18, 20, 30, 28]]), "scores": torch.tensor([0.9, 0.2]),
             "labels": torch.tensor([1, 0]), "masks": masks}
-    out, n = draw_overlay(img, dets, ["cat", "cat:head"], threshold=0.5, scale=2)
+    out, n = draw_overlay(img, dets, ["cat", "cat:head"], threshold=0.5, scale=4)
     arr = np.asarray(out)
-    assert n == 1 and arr.shape == (64, 64, 3)
-    assert np.abs(arr[14:22, 14:22].astype(int) - 40).sum(axis=2).min() > 30   # inside the drawn mask
-    assert (arr[44:52, 40:56] == 40).all()                                     # the low-score one is not drawn
-    assert (arr[58:64, 0:8] == 40).all()                                        # away from everything
+    assert n == 1 and arr.shape == (128, 128, 3)
+    # inside the mask, below the name tag (rows 16..28) and inside the box outline: the mask's colour
+    assert np.abs(arr[32:44, 20:44].astype(int) - 40).sum(axis=2).min() > 30
+    assert (arr[84:108, 76:116] == 40).all()                                   # the low-score one is not drawn
+    assert (arr[116:128, 0:16] == 40).all()                                    # away from everything
 
 
 def _losses(run):
