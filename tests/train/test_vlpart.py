@@ -88,7 +88,8 @@ def _hand_made(root):
         dict(id=2, image_id=1, category_id=2, bbox=[10, 5, 20, 10], segmentation=rle),
         dict(id=3, image_id=2, category_id=3, bbox=[10, 5, 20, 10], segmentation={"size": [30, 40], "counts": runs}),
         dict(id=4, image_id=2, category_id=1, bbox=[1, 1, 5, 5], segmentation=[[]]),           # empty polygon
-        dict(id=5, image_id=2, category_id=1, bbox=[30, 20, 25, 5], segmentation=[[30, 20, 55, 20, 55, 25]]),  # sticks out
+        dict(id=5, image_id=2, category_id=1, bbox=[30, 20, 25, 5],
+             segmentation=[[30, 20, 55, 20, 55, 25]]),  # sticks out of the image
         dict(id=6, image_id=2, category_id=99, bbox=[10, 5, 20, 10], segmentation=rle),         # unknown category
     ]
     coco = {"images": [dict(id=1, file_name="im1.jpg", width=40, height=30),

@@ -95,7 +95,8 @@ def build_data(cfg: VLPartConfig, info: DistInfo) -> Data:
         train = open_parts(cfg.data, "train", cfg.resolution, seed=cfg.data_seed, size=cfg.train_size,
                            image_root=cfg.image_root, extra=extra, image_level=cfg.image_level)
         val_spec = cfg.val_data or (SHAPES_PARTS if cfg.data == SHAPES_PARTS else "")
-        val = (open_parts(val_spec, "val", cfg.resolution, seed=cfg.data_seed, size=cfg.val_size, image_root=cfg.val_image_root)
+        val = (open_parts(val_spec, "val", cfg.resolution, seed=cfg.data_seed, size=cfg.val_size,
+                          image_root=cfg.val_image_root)
                if val_spec else None)
     except (FileNotFoundError, ValueError) as err:
         raise DataError(str(err)) from None

@@ -74,7 +74,8 @@ def predict(ckpt: str, image_path: str, vocab: list[str], out: str, threshold: f
     det = model.detect(x, text_mod.embed(vocab, text_file or cfg.text))[0]
     overlay, n = draw_overlay(img, det, vocab, threshold)
     overlay.save(out)
-    print(f"wrote {out}: {n} detections above {threshold} ({', '.join(sorted({vocab[int(det['labels'][k])] for k in range(len(det['scores'])) if det['scores'][k] >= threshold}))})")
+    found = sorted({vocab[int(c)] for c, s in zip(det["labels"], det["scores"]) if s >= threshold})
+    print(f"wrote {out}: {n} detections above {threshold} ({', '.join(found)})")
     return det
 
 

@@ -38,7 +38,8 @@ def collect(specs: list[str]) -> dict:
             if os.path.isfile(p):
                 row[kind] = _load(p)
         rows.append(row)
-    mean = {f"{cond}_{k}": float(np.mean([r[cond][k] for r in rows])) for cond in ("without", "with") for k in KEYS}
+    mean = {f"{cond}_{k}": float(np.mean([r[cond][k] for r in rows]))
+            for cond in ("without", "with") for k in KEYS}
     for kind in ("parsed", "parsed-pixels"):
         q = [r[kind]["quality"]["mean_iou"] for r in rows if kind in r and "quality" in r[kind]]
         if q:
@@ -48,16 +49,18 @@ def collect(specs: list[str]) -> dict:
 
 def markdown(doc: dict) -> str:
     m = doc["mean"]
-    lines = ["| seed | step | base-part AP50 | novel-part AP50 without parsed parts | novel-part AP50 with parsed parts | "
-             "object AP50 (with) | parsing mIoU: backbone / pixels |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| seed | step | base-part AP50 | novel-part AP50 without parsed parts | "
+             "novel-part AP50 with parsed parts | object AP50 (with) | parsing mIoU: backbone / pixels |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in doc["rows"]:
-        q = [f"{r[k]['quality']['mean_iou']:.2f}" if k in r else "-" for k in ("parsed", "parsed-pixels")]
+        q = [f"{r[k]['quality']['mean_iou']:.2f}" if k in r else "-"
+             for k in ("parsed", "parsed-pixels")]
         lines.append(f"| {r['seed']} | {r['step']} | {r['without']['segm_base_parts_AP50']:.1f} | "
                      f"{r['without']['segm_novel_parts_AP50']:.1f} | {r['with']['segm_novel_parts_AP50']:.1f} | "
                      f"{r['with']['segm_objects_AP50']:.1f} | {q[0]} / {q[1]} |")
     lines.append(f"| mean | | {m['without_segm_base_parts_AP50']:.1f} | {m['without_segm_novel_parts_AP50']:.1f} | "
                  f"{m['with_segm_novel_parts_AP50']:.1f} | {m['with_segm_objects_AP50']:.1f} | "
-                 f"{m.get('parsed_mean_iou', float('nan')):.2f} / {m.get('parsed-pixels_mean_iou', float('nan')):.2f} |")
+                 f"{m.get('parsed_mean_iou', float('nan')):.2f} / "
+                 f"{m.get('parsed-pixels_mean_iou', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
 
