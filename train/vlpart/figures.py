@@ -50,7 +50,8 @@ def collect(specs: list[str]) -> dict:
 def markdown(doc: dict) -> str:
     m = doc["mean"]
     lines = ["| seed | step | base-part AP50 | novel-part AP50 without parsed parts | "
-             "novel-part AP50 with parsed parts | object AP50 (with) | parsing mIoU: backbone / pixels |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "novel-part AP50 with parsed parts | object AP50 (with) | parsing mIoU: backbone / pixels |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in doc["rows"]:
         q = [f"{r[k]['quality']['mean_iou']:.2f}" if k in r else "-"
              for k in ("parsed", "parsed-pixels")]
