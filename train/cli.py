@@ -13,6 +13,8 @@
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
     kfe checkpoint upgrade F   rewrite an old (format 1) checkpoint so it loads with weights_only=True
     kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
+    kfe predict vlpart --ckpt RUN --image IMG --vocab "cat, cat:head" --out overlay.png   object/part masks
+    kfe vlpart parse RUN --out parsed.json    novel objects parsed into parts (dense correspondence)
 
 Run `kfe <command> --help` for the options of each command.
 """
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train import latents as latents_cli
 
     latents_cli.add_subcommands(sub)
+    from train.vlpart import cli as vlpart_cli
+
+    vlpart_cli.add_subcommands(sub)
     return parser
 
 

@@ -33,6 +33,7 @@ def resolve_config(recipe_name: str, config_file: str | None = None, preset: str
         preset = "shapes" if kind_of(data) == "shapes" and "shapes" in recipe.presets else "paper"
         if preset == "paper" and model in recipe.presets:  # e.g. clip's per-size metaclip_vit_* presets
             preset = model
+        preset = data if data in recipe.presets else preset  # a preset named after built-in data (shapes-parts)
     if preset == "paper":
         mapping = None
     elif preset in recipe.presets:
