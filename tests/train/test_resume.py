@@ -18,7 +18,7 @@ STEPS = 8
 # must resume exactly.
 ARGS = ["train", "supervised", "--data", "shapes", *TINY, "--steps", str(STEPS), "--ckpt_every", "3",
         "--deterministic", "--num_workers", "1", "--drop_path", "0.1", "--mixup", "0.8", "--cutmix", "1.0",
-        "--reprob", "0.25",
+        "--reprob", "0.25", "--randaug", "rand-m9-mstd0.5-inc1",
         "--ema", "--ema_decay", "0.9", "--keep_ckpts", "0"]
 
 
