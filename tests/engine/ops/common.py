@@ -25,8 +25,9 @@ def cheap() -> settings:
     return settings(max_examples=4 * settings.default.max_examples)
 
 
-def interpreted() -> settings:
-    return settings(max_examples=settings.default.max_examples)
+def interpreted(share: float = 1.0) -> settings:
+    """share < 1 for kernels whose interpreted example takes seconds (every tap of a 7x7 window)."""
+    return settings(max_examples=max(3, round(share * settings.default.max_examples)))
 
 
 
