@@ -48,6 +48,7 @@ WHY = {
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _forced: list[str] = []
+_recorders: list[dict[str, set[str]]] = []  # open record_backends() blocks
 
 
 class BackendUnavailable(RuntimeError):
@@ -76,6 +77,17 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced.pop()
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[dict[str, set[str]]]:
+    """Yields {op: backends that ran it} for the ops called inside the block (tests assert on it)."""
+    seen: dict[str, set[str]] = {}
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
 
 
 def triton_interpreting() -> bool:
@@ -174,12 +186,17 @@ class OpBackends:
             why = impl.reasons(x, *args, forced=True)
             if why:
                 raise BackendUnavailable(f"backend {want!r} cannot run kfe::{self.op}: " + "; ".join(why))
-            return impl.load()
+            return self._ran(impl)
         impl, skipped = self.pick(x, *args)
         if impl is None:
             raise BackendUnavailable(f"no backend can run kfe::{self.op}: " + " | ".join(
                 f"{name}: {'; '.join(why)}" for name, why in skipped.items()))
         self._note_fallback(x, impl, skipped)
+        return self._ran(impl)
+
+    def _ran(self, impl: Impl):
+        for seen in _recorders:
+            seen.setdefault(self.op, set()).add(impl.backend)
         return impl.load()
 
     def pick(self, x: torch.Tensor, *args, device: torch.device | None = None

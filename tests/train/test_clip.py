@@ -193,14 +193,22 @@ def test_gpu_bf16_real_size_loss_falls(tmp_path, recipe):
     # ViT-S/16 towers at 224 px (CLIP's text tower: 12 blocks, width 512, context 77), bf16 autocast, fused AdamW
     from train.run import train
 
-    over = ["--data", "shapes", "--device", "cuda", "--model", f"{recipe}_vit_small_patch16", "--resolution", "224",
-            "--batch_size", "64", "--shapes.size", "64", "--steps", "25", "--warmup_steps", "3", "--lr", "5e-4",
-            "--log_every", "1", "--progress", "false", "--num_workers", "4", "--vocab_samples", "2000",
-            "--out", str(tmp_path), "--model_kwargs", "{}", "--context_length", "77", "--threads", "0"]
-    cfg, preset = resolve_config(recipe, overrides=over)
+    def over(device, steps):
+        return ["--data", "shapes", "--device", device, "--model", f"{recipe}_vit_small_patch16", "--resolution",
+                "224", "--batch_size", "64", "--shapes.size", "64", "--steps", str(steps), "--warmup_steps", "3",
+                "--lr", "5e-4", "--log_every", "1", "--progress", "false", "--num_workers", "4", "--vocab_samples",
+                "2000", "--out", str(tmp_path / device), "--model_kwargs", "{}", "--context_length", "77",
+                "--threads", "0"]
+
+    cfg, preset = resolve_config(recipe, overrides=over("cuda", 25))
     summary = train(recipe, cfg, preset)
     recs = metrics(cfg.out)
     assert falls([r["loss"] for r in recs], 0.8) and recs[-1]["tflops"] > 0 and recs[-1]["mem_gb"] > 0
+    # The first step (same batch, same initial towers) against one fp32 step on the CPU: bf16's 1e-2.
+    cpu_cfg, cpu_preset = resolve_config(recipe, overrides=over("cpu", 1))
+    train(recipe, cpu_cfg, cpu_preset)
+    first = metrics(cpu_cfg.out)[0]["loss"]
+    assert abs(recs[0]["loss"] - first) <= 1e-2 * first, (recs[0]["loss"], first)
     assert cfg.precision == "auto" and summary["eval"]["n"] == 1000
 
 

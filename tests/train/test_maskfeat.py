@@ -145,17 +145,24 @@ def test_bench_uses_the_recipes_own_models():
 @pytest.mark.parametrize("frames", [1, 16])
 def test_gpu_vit_b_bf16_compiled_training(tmp_path, frames):
     """Real ViT-B at 224 px (and 16-frame clips): bf16 autocast, compiled forward, HOG targets on the GPU."""
-    over = ["--data", "shapes", "--device", "cuda", "--model", "maskfeat_vit_base", "--model_kwargs", "{}",
-            "--resolution", "224", "--batch_size", "64" if frames == 1 else "8", "--num_frames", str(frames),
-            "--shapes.size", "64", "--shapes.val_size", "128", "--steps", "20", "--warmup_steps", "3", "--lr", "1e-3",
-            "--log_every", "1", "--progress", "false", "--num_workers", "4", "--out", str(tmp_path), "--compile",
-            "--probe_samples", "128"]
-    cfg, preset = resolve_config("maskfeat", overrides=over)
+    def over(device, steps):
+        return ["--data", "shapes", "--device", device, "--model", "maskfeat_vit_base", "--model_kwargs", "{}",
+                "--resolution", "224", "--batch_size", "64" if frames == 1 else "8", "--num_frames", str(frames),
+                "--shapes.size", "64", "--shapes.val_size", "128", "--steps", str(steps), "--warmup_steps", "3",
+                "--lr", "1e-3", "--log_every", "1", "--progress", "false", "--num_workers", "4",
+                "--out", str(tmp_path / device), "--compile", str(device == "cuda").lower(), "--probe_samples", "128"]
+
+    cfg, preset = resolve_config("maskfeat", overrides=over("cuda", 20))
     summary = train("maskfeat", cfg, preset)
     recs = metrics(cfg.out)
     losses = [r["loss"] for r in recs]
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
     assert recs[-1]["tflops"] > 0 and summary["eval"]["val_loss"] < 0.2
+    if frames == 1:  # the first step (same batch, masks from the seeded CPU generator, same initial ViT-B)
+        cpu_cfg, cpu_preset = resolve_config("maskfeat", overrides=over("cpu", 1))  # against one fp32 CPU step
+        train("maskfeat", cpu_cfg, cpu_preset)
+        first = metrics(cpu_cfg.out)[0]["loss"]
+        assert abs(losses[0] - first) <= 1e-2 * first, (losses[0], first)
 
 
 def test_paper_defaults():

@@ -11,8 +11,10 @@ from engine.backend import BackendUnavailable
 from engine.ops import attention
 from engine.ops.attention import reference
 from engine.ops.attention.op import MAX_HEAD_DIM, flop_count, useful_pairs
+from tests.engine.ops import common
 
 BACKENDS = testing.backends("attention")
+FAST = testing.fast_backends("attention")  # compared with the reference (never with itself)
 LOWP = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 64, 72, 80, 96, 128)
 # (N, M, causal): the issue's lengths (77 is CLIP's causal text tower), then cross-attention M != N
@@ -28,17 +30,20 @@ def _inputs(B, H, N, M, D, dtype=torch.float32, seed=0):
 
 
 def _check(backend, q, k, v, causal=False, scale=None, dtype=None):
+    # One key per query (M = 1, or causal with N = 1: top-left alignment) makes the softmax constant:
+    # dq and dk are exactly zero there, which is the right answer and not a degenerate case to refuse.
+    one_key = k.shape[-2] == 1 or (causal and q.shape[-2] == 1)
     testing.check_against_reference(
         lambda q, k, v: attention(q, k, v, causal=causal, scale=scale),
         lambda q, k, v: reference.attention(q, k, v, causal, scale), (q, k, v), grad=(0, 1, 2),
-        backend=backend, dtype=dtype)
+        backend=backend, dtype=dtype, allow_zero=one_key)
 
 
 def test_backends_present():
     assert {"reference", "triton"} <= set(BACKENDS), BACKENDS
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_head_dims(backend, dtype, D):
@@ -47,7 +52,7 @@ def test_head_dims(backend, dtype, D):
     _check(backend, *_inputs(2, 1, 50, 50, D, dtype), causal=D in (72, 128))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("seq", SEQS, ids=str)
 def test_sequence_lengths(backend, dtype, seq):
@@ -57,11 +62,12 @@ def test_sequence_lengths(backend, dtype, seq):
     _check(backend, *_inputs(1, H, N, M, D, dtype), causal=causal)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@given(N=st.integers(1, 260), M=st.integers(1, 260), D=st.sampled_from(HEAD_DIMS + (1, 16, 40, 160, 256)),
+@common.interpreted()
+@given(N=st.integers(2, 260), M=st.integers(2, 260), D=st.sampled_from(HEAD_DIMS + (1, 16, 40, 160, 256)),
        causal=st.booleans(), dtype=st.sampled_from(LOWP), seed=st.integers(0, 2**16))
-def test_hypothesis_shapes(backend, N, M, D, causal, dtype, seed):
-    _check(backend, *_inputs(1, 1, N, M, D, dtype, seed), causal=causal)
+def test_hypothesis_shapes(N, M, D, causal, dtype, seed):
+    # Up to 260: past the GPU's 64- and 128-row tiles (the interpreter takes whole sequences).
+    _check("triton", *_inputs(1, 1, N, M, D, dtype, seed), causal=causal)
 
 
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 16)], ids=str)
@@ -94,7 +100,7 @@ def test_triton_small_blocks_split_head_dim(monkeypatch, D, blocks, dtype, NM):
     _check("triton", *_inputs(1, 1, *NM, D, dtype), causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 def test_strided_views_of_packed_qkv(backend):
     # q, k, v as the Attention module makes them: views of one (B, N, 3, H, D) projection, with
     # B, H > 1 so that batch and head strides differ from the contiguous layout's.
@@ -105,14 +111,14 @@ def test_strided_views_of_packed_qkv(backend):
     _check(backend, q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 def test_explicit_scale(backend):
     q, k, v = _inputs(1, 2, 40, 60, 32)
     _check(backend, q, k, v, scale=1.0)
     _check(backend, q, k, v, scale=-0.3, causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 def test_numpy_scalar_scale(backend):
     # Any real scalar is a scale: np.float32 (not a float subclass, unlike np.float64) and np.int64.
     q, k, v = _inputs(1, 2, 9, 12, 16)
@@ -120,7 +126,7 @@ def test_numpy_scalar_scale(backend):
         _check(backend, q, k, v, scale=scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 def test_saturated_softmax(backend):
     # Logits of magnitude ~700: exp() without the running-max subtraction overflows to inf (NaN out).
     # Forward only: a backward that recomputes P = exp(S - LSE) from a saved fp32 LSE (FlashAttention-2's,
@@ -132,7 +138,7 @@ def test_saturated_softmax(backend):
                                     backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST)
 def test_non_contiguous_upstream_gradient(backend):
     q, k, v = (t.requires_grad_() for t in _inputs(2, 2, 20, 30, 16))
     dout = torch.randn(2, 2, 16, 20).transpose(-1, -2)  # (B, H, N, D), not contiguous

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import engine
 from engine import testing
 from engine.bench import core
 from engine.ops import attention
@@ -14,6 +15,7 @@ from engine.ops.attention import bench as attn_bench
 from engine.ops.attention import reference
 from engine.ops.attention import triton as attn_triton
 from engine.ops.attention.op import useful_pairs
+from tests.engine.ops.common import CUDA_AUTO
 
 
 def _inputs(B, H, N, M, D, dtype=torch.float32, device="cpu", seed=0):
@@ -21,10 +23,10 @@ def _inputs(B, H, N, M, D, dtype=torch.float32, device="cpu", seed=0):
     return tuple(torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype) for L in (N, M, M))
 
 
-def _check(q, k, v, causal, backend="triton"):
+def _check(q, k, v, causal, backend="triton", expect=None):
     testing.check_against_reference(lambda q, k, v: attention(q, k, v, causal=causal),
                                     lambda q, k, v: reference.attention(q, k, v, causal), (q, k, v),
-                                    grad=(0, 1, 2), backend=backend)
+                                    grad=(0, 1, 2), backend=backend, expect=expect)
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -134,11 +136,17 @@ def test_bench_case_counts_useful_flops_and_bytes():
 
 
 def test_bench_providers_agree_and_time_every_mode():
+    # Every provider against the float64 spec; "kfe" on the Triton path (on the CPU auto is not a fast
+    # kfe kernel, and comparing it with the reference provider would compare a path with itself).
     (case,) = attn_bench.cases(torch.device("cpu"), sizes=[(1, 2, 9, 16)])
     inputs = case.make_inputs()
-    expected = case.providers["reference"](*inputs)
-    for name in ("kfe", *(p for p in case.providers if p.startswith("sdpa-"))):
-        torch.testing.assert_close(case.providers[name](*inputs), expected, rtol=1e-5, atol=1e-5, msg=name)
+    expected = reference.attention(*(t.double() for t in inputs))
+    for name in ("reference", "kfe", *(p for p in case.providers if p.startswith("sdpa-"))):
+        with engine.use_backend("triton" if name == "kfe" else "auto"), engine.backend.record_backends() as ran:
+            got = case.providers[name](*inputs)
+        if name == "kfe":
+            testing.assert_ran(ran, "triton", "kfe provider")
+        testing.assert_close(got, expected, torch.float32, name=name)
     records = core.run([case], core.MODES, warmup=0, repeats=2, providers=["kfe", "sdpa-math"])
     assert {(r["provider"], r["mode"]) for r in records} == {
         (p, m) for p in ("reference", "kfe", "sdpa-math") for m in core.MODES}
@@ -174,7 +182,7 @@ GPU_GRID = ([(s, torch.bfloat16) for s in GPU_SHAPES]
 @pytest.mark.parametrize("shape, dtype", GPU_GRID, ids=str)
 def test_gpu_matches_float64_reference(shape, dtype):
     *dims, causal = shape
-    _check(*_inputs(*dims, dtype=dtype, device="cuda"), causal=causal)
+    _check(*_inputs(*dims, dtype=dtype, device="cuda"), causal=causal, backend="auto", expect=CUDA_AUTO["attention"])
 
 
 def _errors(fn, q, k, v, causal, dout):
@@ -195,7 +203,9 @@ def test_gpu_bf16_error_at_most_twice_sdpa(shape):
     *dims, causal = shape
     q, k, v = _inputs(*dims, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
-    ours = _errors(lambda a, b, c: attention(a, b, c, causal=causal), q, k, v, causal, dout)
+    with engine.backend.record_backends() as ran:
+        ours = _errors(lambda a, b, c: attention(a, b, c, causal=causal), q, k, v, causal, dout)
+    testing.assert_ran(ran, CUDA_AUTO["attention"], "auto on CUDA")
     sdpa = _errors(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal), q, k, v, causal, dout)
     for name, e, s in zip(("out", "dq", "dk", "dv"), ours, sdpa):
         assert e <= 2 * s + 1e-3, f"{name}: kfe error {e:.3g} vs sdpa {s:.3g}"
@@ -203,11 +213,24 @@ def test_gpu_bf16_error_at_most_twice_sdpa(shape):
 
 @pytest.mark.gpu
 def test_gpu_compile_inductor_module():
-    import engine
+    # The inductor-compiled bf16 module (forward and backward through kfe::attention on Triton) against
+    # the same module in float64 on the reference path: output, input gradient and every parameter's.
+    import copy
 
     layer = engine.nn.Attention(768, 12).cuda().to(torch.bfloat16)
+    spec = copy.deepcopy(layer).double()
     x = torch.randn(4, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)
-    out = compiled(x)
-    out.float().square().mean().backward()
-    torch.testing.assert_close(out, layer(x), rtol=1e-2, atol=1e-2)
+    with engine.backend.record_backends() as ran:
+        out = compiled(x)
+        got = torch.autograd.grad(out, [x, *layer.parameters()], dout)
+    testing.assert_ran(ran, CUDA_AUTO["attention"], "compiled module on CUDA")
+    x64 = x.detach().double().requires_grad_()
+    with engine.use_backend("reference"):
+        want_out = spec(x64)
+        want = torch.autograd.grad(want_out, [x64, *spec.parameters()], dout.double())
+    testing.assert_close(out, want_out, torch.bfloat16, name="compiled output")
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for name, g, w in zip(names, got, want):
+        testing.assert_close(g, w, torch.bfloat16, name=f"compiled d{name}")
