@@ -35,6 +35,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from engine.backend import triton_interpreting
+from engine.ops._target import gpu
 from engine.ops import _alloc
 
 MAX_HEAD_DIM = 256
@@ -480,7 +481,7 @@ def _fit_rows(block: int, length: int) -> int:
 
 def configs(N: int, M: int, D: int, dtype: torch.dtype, device: torch.device) -> dict[str, Config]:
     """Tiles of the three main kernels ("fwd", "dkdv", "dq") for these sizes."""
-    if triton_interpreting() or device.type != "cuda":
+    if gpu(device) is None:  # the interpreter: few, large programs
         cfg = Config(_pow2(N, 16, _INTERPRETER_BLOCK), _pow2(M, 16, _INTERPRETER_BLOCK), 1, 1)
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
     width = max(64, _pow2(sum(head_split(D)), 16, MAX_HEAD_DIM))
