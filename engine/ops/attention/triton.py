@@ -425,13 +425,15 @@ class Config:
 # 16-bit ones do not spill, fp32 ones spill up to ~1.5 KB. The width-64 dK/dV kernel takes 8 warps:
 # its two 128 x 64 fp32 accumulators are 128 registers a thread on 4 warps, which reached 255
 # registers and spilled 40 B (3.8) / 16 B (3.6); on 8 warps ~140 registers, no spill. Widths 80
-# and 96 (D = 72, 80, 96 in two pieces) take the 8-warp row for the same reason (448-668 B). None is
+# and 96 (D = 72, 80, 96 in two pieces) take the 8-warp row for the same reason (448-668 B). Width
+# 256 dK/dV walks 32 keys, not 64: on 64 triton 3.6 spilled 48 B (255 registers); on 32, 172
+# registers, no spill, but mma.sync (HMMA) instead of wgmma (a warpgroup's wgmma needs 64 rows). None is
 # autotuned (multi-config autotune cannot run on the interpreter) or yet timed on a GPU:
 # `kfe bench attention` on the device is how to revisit them.
 _GPU = {  # padded width -> {kernel: Config}
     64: {"fwd": Config(128, 64, 4, 3), "dkdv": Config(32, 128, 8, 3), "dq": Config(128, 32, 4, 3)},
     128: {"fwd": Config(128, 64, 8, 3), "dkdv": Config(32, 128, 8, 2), "dq": Config(128, 32, 8, 2)},
-    256: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(16, 64, 8, 2), "dq": Config(64, 32, 8, 2)},
+    256: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(16, 32, 8, 2), "dq": Config(64, 32, 8, 2)},
 }
 _GPU_FP32 = {
     64: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(32, 64, 4, 2), "dq": Config(64, 32, 4, 2)},
