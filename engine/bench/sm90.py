@@ -51,10 +51,6 @@ class Compiled:
     stats: dict = field(default_factory=dict)
 
 
-class _Props(dict):
-    pass
-
-
 class StandInUtils:
     """CudaUtils' surface that compiling and launching touch, answering for an H200."""
 
