@@ -35,6 +35,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from engine.backend import triton_interpreting
+from engine.ops._target import gpu
 from engine.ops import _alloc
 
 MAX_HEAD_DIM = 256
@@ -419,16 +420,20 @@ class Config:
 # (32) keys, dK/dV hold 128 (64) keys and walk 32 queries. fp32 inputs take exact fp32 products (FMA,
 # no tensor cores: the contract is 1e-5 of float64, TF32 would give 1e-3), whose operands sit in
 # registers, hence small tiles: fp32 is the exact path, not the fast one.
-# benchmarks/attention_sm90_compile.py compiles every entry for sm_90
-# (results/attention-sm90-compile.md): all fit in shared memory, 16-bit ones spill <= 48 bytes of
-# registers, fp32 ones up to ~2 KB. Widths 80 and 96 (D = 72, 80, 96 in two pieces) take the 8-warp
-# row: on the 4-warp one their dK/dV kernel reaches 255 registers and spills 448-668 bytes. None is
+# `python -m engine.bench.sm90` compiles every entry for sm_90 under triton 3.6 and 3.8
+# (results/sm90-static.md; tests/engine/test_sm90_static.py guards it): all fit in shared memory,
+# 16-bit ones do not spill, fp32 ones spill up to ~1.5 KB. The width-64 dK/dV kernel takes 8 warps:
+# its two 128 x 64 fp32 accumulators are 128 registers a thread on 4 warps, which reached 255
+# registers and spilled 40 B (3.8) / 16 B (3.6); on 8 warps ~140 registers, no spill. Widths 80
+# and 96 (D = 72, 80, 96 in two pieces) take the 8-warp row for the same reason (448-668 B). Width
+# 256 dK/dV walks 32 keys, not 64: on 64 triton 3.6 spilled 48 B (255 registers); on 32, 172
+# registers, no spill, but mma.sync (HMMA) instead of wgmma (a warpgroup's wgmma needs 64 rows). None is
 # autotuned (multi-config autotune cannot run on the interpreter) or yet timed on a GPU:
 # `kfe bench attention` on the device is how to revisit them.
 _GPU = {  # padded width -> {kernel: Config}
-    64: {"fwd": Config(128, 64, 4, 3), "dkdv": Config(32, 128, 4, 3), "dq": Config(128, 32, 4, 3)},
+    64: {"fwd": Config(128, 64, 4, 3), "dkdv": Config(32, 128, 8, 3), "dq": Config(128, 32, 4, 3)},
     128: {"fwd": Config(128, 64, 8, 3), "dkdv": Config(32, 128, 8, 2), "dq": Config(128, 32, 8, 2)},
-    256: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(16, 64, 8, 2), "dq": Config(64, 32, 8, 2)},
+    256: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(16, 32, 8, 2), "dq": Config(64, 32, 8, 2)},
 }
 _GPU_FP32 = {
     64: {"fwd": Config(64, 32, 4, 2), "dkdv": Config(32, 64, 4, 2), "dq": Config(64, 32, 4, 2)},
@@ -480,7 +485,7 @@ def _fit_rows(block: int, length: int) -> int:
 
 def configs(N: int, M: int, D: int, dtype: torch.dtype, device: torch.device) -> dict[str, Config]:
     """Tiles of the three main kernels ("fwd", "dkdv", "dq") for these sizes."""
-    if triton_interpreting() or device.type != "cuda":
+    if gpu(device) is None:  # the interpreter: few, large programs
         cfg = Config(_pow2(N, 16, _INTERPRETER_BLOCK), _pow2(M, 16, _INTERPRETER_BLOCK), 1, 1)
         return {"fwd": cfg, "dkdv": cfg, "dq": cfg}
     width = max(64, _pow2(sum(head_split(D)), 16, MAX_HEAD_DIM))

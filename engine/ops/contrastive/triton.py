@@ -40,7 +40,6 @@ multi-config autotuning; untuned: no GPU was available when this was written.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -48,6 +47,7 @@ import triton.language as tl
 
 from engine.backend import triton_interpreting
 from engine.ops import _alloc, _interpret
+from engine.ops._target import gpu
 
 
 @triton.jit
@@ -192,22 +192,18 @@ def _bwd_kernel(
             tl.store(rowsum_ptr + (tl.num_programs(1) + split) * NA + rows, gsum * coef, mask=row_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _blocks(NA: int, NK: int, D: int, device: torch.device) -> dict:
     """Tile sizes and the split of the key columns. The interpreter wants few, large programs."""
     p2 = triton.next_power_of_2
-    if triton_interpreting() or device.type != "cuda":
+    target = gpu(device)
+    if target is None:
         return dict(BLOCK_M=max(16, min(p2(NA), 128)), BLOCK_N=max(16, min(p2(NK), 128)),
                     BLOCK_K=max(16, min(p2(D), 256)), BLOCK_D=max(16, min(p2(D), 512)), split=1)
     # GPU: 64 x 64 tiles; the dA accumulator holds 64 x BLOCK_D fp32 in registers, so D beyond 256
     # is covered by several programs per row block (each recomputes its tiles: the price of no B x B).
     cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if D >= 64 else max(16, p2(D)), BLOCK_D=min(256, max(16, p2(D))))
     programs = triton.cdiv(NA, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_D"])
-    cfg["split"] = max(1, min(triton.cdiv(2 * _sm_count(device.index or 0), programs), NK // 1024))
+    cfg["split"] = max(1, min(triton.cdiv(2 * target.sm_count, programs), NK // 1024))
     return cfg
 
 

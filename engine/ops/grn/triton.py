@@ -19,13 +19,12 @@ the apply kernel adds the partial sums, which keeps the result deterministic (no
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.backend import triton_interpreting
+from engine.ops._target import gpu
 from engine.ops import _alloc
 
 
@@ -142,18 +141,14 @@ def _grn_apply_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _blocks(N: int, HW: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_C, split, rows_per_split). The interpreter wants few, large programs."""
-    if triton_interpreting() or device.type != "cuda":
+    target = gpu(device)
+    if target is None:
         return min(triton.next_power_of_2(HW), 256), min(triton.next_power_of_2(C), 512), 1, HW
     block_r, block_c = 32, min(triton.next_power_of_2(C), 128)
     programs = N * triton.cdiv(C, block_c)
-    split = max(1, min(triton.cdiv(4 * _sm_count(device.index or 0), programs), triton.cdiv(HW, 4 * block_r)))
+    split = max(1, min(triton.cdiv(4 * target.sm_count, programs), triton.cdiv(HW, 4 * block_r)))
     rows = triton.cdiv(triton.cdiv(HW, split), block_r) * block_r
     return block_r, block_c, triton.cdiv(HW, rows), rows
 

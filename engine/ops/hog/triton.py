@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.backend import triton_interpreting
+from engine.ops._target import gpu
 from engine.ops.hog import plan
 
 
@@ -150,7 +150,7 @@ def _launch(x: torch.Tensor, units: plan.Units, nbins: int, gaussian_window: int
 def _hog_unit(x: torch.Tensor, cell: int) -> tuple[int, int]:
     """Cells per program for kfe::hog: 16x16-pixel tiles on a GPU; the interpreter wants few programs."""
     H, W = x.shape[-2:]
-    if triton_interpreting() or x.device.type != "cuda":
+    if gpu(x.device) is None:
         return min(H // cell, 8), min(W // cell, 8)
     return max(1, 16 // cell), max(1, 16 // cell)
 

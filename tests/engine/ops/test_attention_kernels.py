@@ -15,6 +15,7 @@ from engine.ops.attention import bench as attn_bench
 from engine.ops.attention import reference
 from engine.ops.attention import triton as attn_triton
 from engine.ops.attention.op import useful_pairs
+from engine.ops._target import H200
 from tests.engine.ops.common import CUDA_AUTO
 
 
@@ -32,7 +33,7 @@ def _check(q, k, v, causal, backend="triton", expect=None):
 # ------------------------------------------------------------------------------------------ tiles
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_gpu_tile_table(monkeypatch, dtype):
-    monkeypatch.setattr(attn_triton, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(attn_triton, "gpu", lambda device: H200)  # the configs an H200 gets
     cuda = torch.device("cuda")
     for D in (1, 32, 64, 72, 80, 96, 128, 160, 256):
         for N, M in [(1, 1), (50, 50), (77, 197), (4096, 4096)]:
