@@ -62,7 +62,8 @@ def _trainer(name: str, model: str, res: int, batch: int, workers: int, device: 
     from train.run import resolve_config
     from train.trainer import Trainer
 
-    over = ["--data", "shapes", "--resolution", str(res), "--batch_size", str(batch),
+    data = (get(name).bench or {}).get("data", "shapes")  # a recipe whose built-in data is not shapes names its own
+    over = ["--data", data, "--resolution", str(res), "--batch_size", str(batch),
             "--num_workers", str(workers), "--device", device.type, "--steps", "1000", "--out", out,
             "--progress", "false", "--ema", "false"]
     if model is not None:

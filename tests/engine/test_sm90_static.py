@@ -77,9 +77,11 @@ def test_sm90_kernels_fit_and_16bit_configs_do_not_spill(tmp_path):
     run = _run("--check", "--quiet", "--dtypes", "bfloat16", "--out", str(out))
     assert run.returncode == 0, run.stderr[-4000:]
     report = out.read_text()
-    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_grad_kernel", "_dwconv_fwd_kernel",
-                 "_dwconv_wgrad_kernel", "_grn_reduce_kernel", "_hog_kernel"):
-        assert name in report, name
+    for op, name in (("attention", "_attn_fwd_kernel"), ("attention", "_attn_bwd_dkdv_kernel"),
+                     ("contrastive", "_fwd_kernel"), ("contrastive", "_bwd_kernel"),
+                     ("sparse_conv", "_dwconv_fwd_kernel"), ("sparse_conv", "_dwconv_wgrad_kernel"),
+                     ("grn", "_grn_reduce_kernel"), ("grn", "_grn_apply_kernel"), ("hog", "_hog_kernel")):
+        assert f"| {op} | {name} |" in report, (op, name)
     assert " 0 over a limit" in report
     run = _run("--check", "--quiet", "--ops", "attention", "--dtypes", "float32", "--cases", "head 256",
                "--out", str(out))

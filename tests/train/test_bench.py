@@ -10,6 +10,10 @@ from train.cli import main as kfe_main
 from train.recipes.base import RECIPES
 
 
+# A detector's training FLOPs depend on its proposals and sampled RoIs: vlpart reports none (yet).
+UNCOUNTED = {"vlpart"}
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_bench_recipe_reports_loader_and_training_throughput(name, tmp_path, capsys):
     # Every recipe names its benchmark models (a recipe without them got the ConvNeXt defaults, which
@@ -27,7 +31,10 @@ def test_bench_recipe_reports_loader_and_training_throughput(name, tmp_path, cap
     if model is not None:
         assert rec["model"] == model
     assert rec["loader_images_per_s"] > 0 and rec["train_images_per_s"] > 0 and 0 <= rec["data_frac"] < 1
-    assert rec["train_flops_per_image"] > 0
+    if name in UNCOUNTED:  # no FLOP count, so no TFLOP/s or MFU column: never a made-up figure
+        assert rec["train_flops_per_image"] is None and "tflops" not in rec
+    else:
+        assert rec["train_flops_per_image"] > 0
 
 
 def test_bench_without_settings_times_the_recipes_own_model(tmp_path, monkeypatch):

@@ -134,7 +134,8 @@ class Recipe:
     help: str = ""
     export: Callable[[dict], dict] | None = None  # trained state dict -> official keys (default: as is)
     bench: dict[str, list[tuple]] | None = None   # `kfe bench recipe`: {device type: [(model, res, batch,
-    #                                              workers), ...]} (default: train/bench.py's ConvNeXt settings)
+    #                                              workers), ...], "data": built-in data if not shapes} (default:
+    #                                              train/bench.py's ConvNeXt settings)
     resolve: Callable[[object], None] | None = None  # fills config values that depend on others (e.g. drop
     #                                              path per model size), after the overrides
 

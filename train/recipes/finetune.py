@@ -134,6 +134,9 @@ def resolve(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
 
 
-RECIPE = register(Recipe("finetune", FinetuneConfig, supervised.build_data, build_task, PRESETS,
+# `kfe bench recipe finetune`: (model, resolution, batch, workers) per device (None: the recipe's model)
+BENCH = {"cpu": [(None, 32, 64, 1)], "cuda": [(None, 224, 256, 12)]}
+
+RECIPE = register(Recipe("finetune", FinetuneConfig, supervised.build_data, build_task, PRESETS, bench=BENCH,
                          help="fine-tune a pre-trained encoder (--init RUN_OR_CKPT): MAE / MaskFeat / ConvNeXt V2 "
                               "recipes with layer-wise lr decay", resolve=resolve))

@@ -68,6 +68,9 @@ def build_task(cfg: LinprobeConfig, data: Data, info: DistInfo) -> Task:
     return task
 
 
-RECIPE = register(Recipe("linprobe", LinprobeConfig, supervised.build_data, build_task, PRESETS,
+# `kfe bench recipe linprobe`: (model, resolution, batch, workers) per device (None: the recipe's model)
+BENCH = {"cpu": [(None, 32, 64, 1)], "cuda": [(None, 224, 1024, 12)]}
+
+RECIPE = register(Recipe("linprobe", LinprobeConfig, supervised.build_data, build_task, PRESETS, bench=BENCH,
                          help="linear probe of a frozen pre-trained encoder (--init RUN_OR_CKPT): MAE's protocol "
                               "(BatchNorm without affine + linear head, LARS)", resolve=finetune.resolve))

@@ -179,5 +179,8 @@ def build_task(cfg: VLPartConfig, data: Data, info: DistInfo) -> Task:
     return task
 
 
-RECIPE = register(Recipe("vlpart", VLPartConfig, build_data, build_task, PRESETS,
+# `kfe bench recipe vlpart`: (model, resolution, batch, workers) per device (None: the recipe's model)
+BENCH = {"cpu": [(None, 64, 8, 1)], "cuda": [(None, 640, 16, 8)], "data": "shapes-parts"}
+
+RECIPE = register(Recipe("vlpart", VLPartConfig, build_data, build_task, PRESETS, bench=BENCH,
                          help="open-vocabulary object + part segmentation (VLPart): Mask R-CNN parts, text classifier"))
