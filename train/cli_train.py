@@ -140,6 +140,8 @@ def bench_command(args: argparse.Namespace) -> int:
         args.recipes, args.suites = args.suites[1:], ["recipe"]
     elif args.suites[:1] == ["model"]:
         args.models, args.suites = args.suites[1:], ["model"]
+    elif args.suites[:1] == ["papers"]:
+        args.papers, args.suites = args.suites[1:], ["papers"]
     return engine_cli.bench(args)
 
 
