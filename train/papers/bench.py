@@ -64,9 +64,10 @@ def run(args: argparse.Namespace, device=None) -> int:
         paper = PAPERS[name]
         seeds = seeds_arg or ((0,) if smoke else paper.seeds)
         jobs = [(arm, s) for s in seeds for arm in paper.arms]
+        paths = paper.prepare(os.path.join(runs_dir, name, "data"), smoke) if paper.prepare else None
         results = []
         for arm, seed in tqdm(jobs, desc=f"papers {name}", unit="run", file=sys.stderr, dynamic_ncols=True):
-            results.append(runner.run_arm(paper, arm, seed, runs_dir, smoke=smoke))
+            results.append(runner.run_arm(paper, arm, seed, runs_dir, smoke=smoke, paths=paths))
         summary = report.summarize(paper, results)
         command = (f"kfe bench papers {name}" + (" --smoke" if smoke else "")
                    + f" --seeds {','.join(map(str, seeds))}")

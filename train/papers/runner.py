@@ -52,12 +52,15 @@ def arm_overrides(paper: Paper, arm: Arm, seed: int, run_dir: str, smoke: bool) 
     return base
 
 
-def run_arm(paper: Paper, arm: Arm, seed: int, runs: str, smoke: bool = False, quiet: bool = True) -> dict:
+def run_arm(paper: Paper, arm: Arm, seed: int, runs: str, smoke: bool = False, quiet: bool = True,
+            paths: dict[str, str] | None = None) -> dict:
     """Train (or read back) one arm at one seed: {"curve": [(step, metric)], "final", "probe", ...}."""
     from train.run import evaluate_checkpoint, resolve_config, train
 
     run_dir = os.path.join(runs, paper.name, arm.name, f"seed{seed}")
     overrides = arm_overrides(paper, arm, seed, run_dir, smoke)
+    for key, value in (paths or {}).items():
+        overrides = [o.replace(key, value) for o in overrides]
     cfg, preset = resolve_config(arm.recipe, preset="shapes", overrides=overrides)
     records = _records(run_dir)
     summary = _finished(records, cfg.steps)
