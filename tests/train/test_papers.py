@@ -9,7 +9,7 @@ from train import cli
 from train.papers import PAPERS, Arm, Paper, report
 
 
-@pytest.mark.slow  # ~8-15 s on the shared 2-core machine: every paper's arms train 4 steps
+@pytest.mark.slow  # 7-36 s on the shared 2-core machine (load-dependent): every paper's arms train 4 steps
 def test_smoke_every_paper_trains_evaluates_and_reports(tmp_path, capsys):
     out = str(tmp_path / "papers")
     assert cli.main(["bench", "papers", "--smoke", "--out", out]) == 0
