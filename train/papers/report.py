@@ -38,8 +38,10 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
             eff["probe_delta"] = a["probe_mean"] - b["probe_mean"]
             eff["probe_spread"] = max(a["probe_std"], b["probe_std"])
         effects[f"{arm.name} - {base}"] = eff
+    chance = {"metric": next((r["chance"] for r in runs if r.get("chance") is not None), None),
+              "probe": next((r["probe"]["chance"] for r in runs if "probe" in r), None)}
     return {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
-            "notes": paper.notes, "arms": arms, "effects": effects}
+            "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
 
 
 def _pct(x: float) -> str:
@@ -76,6 +78,10 @@ def markdown(summary: dict, command: str) -> str:
         if probe:
             row += f" {100 * e['probe_delta']:+.1f} | {_verdict(e['probe_delta'], e['probe_spread'])} |"
         lines.append(row)
+    chance = summary.get("chance") or {}
+    if chance.get("metric") is not None:
+        lines += ["", f"Chance (majority class of the held-out set): {summary['metric']} {_pct(chance['metric'])}%"
+                  + (f", probe {_pct(chance['probe'])}%" if chance.get("probe") is not None else "") + "."]
     lines += ["", f"![{summary['paper']}]({summary['paper']}.png)", ""]
     return "\n".join(lines)
 
