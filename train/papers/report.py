@@ -39,7 +39,7 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
             eff["probe_spread"] = max(a["probe_std"], b["probe_std"])
         effects[f"{arm.name} - {base}"] = eff
     chance = {"metric": next((r["chance"] for r in runs if r.get("chance") is not None), None),
-              "probe": next((r["probe"]["chance"] for r in runs if "probe" in r), None)}
+              "probe": next((r["probe"].get("chance") for r in runs if "probe" in r), None)}
     return {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
             "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
 
