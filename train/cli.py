@@ -10,6 +10,7 @@
     kfe sample dit --ckpt RUN  draw a PNG grid of class-conditional DiT samples (CFG, DDPM/DDIM; --vae DIR)
     kfe latents encode --vae DIR --data IMAGES --out DIR   VAE latent shards for kfe train dit
     kfe bench model NAME       a model's training-step images/s: eager vs compiled, channels-last, timm
+    kfe bench papers [NAME]    each paper's headline ablation at small scale (--smoke: seconds, for CI)
     kfe export CKPT OUT.pt     weights as a plain state dict with the official keys
     kfe checkpoint upgrade F   rewrite an old (format 1) checkpoint so it loads with weights_only=True
     kfe pseudo-bow RUN --data IMAGES --out F   bag-of-words captions from a trained clip/slip/cit run
@@ -31,6 +32,7 @@ register_suite("curate", "train.curation.bench")
 register_suite("recipe", "train.bench")
 register_suite("fcmae", "models.fcmae_bench")
 register_suite("model", "models.bench")
+register_suite("papers", "train.papers.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     from models import bench as model_bench
 
     model_bench.add_bench_arguments(sub.choices["bench"])
+    from train.papers import bench as papers_bench
+
+    papers_bench.add_bench_arguments(sub.choices["bench"])
     from train import cli_train
 
     cli_train.add_subcommands(sub)

@@ -181,12 +181,14 @@ def bench_command(args: argparse.Namespace) -> int:
     from engine import cli as engine_cli
     from train import threads
 
-    # recipes are timed on their shapes presets (1 thread); models and ops by cores / local processes
-    print(f"kfe bench: {threads.apply(args.threads, args.suites[:1] == ['recipe'])}", file=sys.stderr)
+    # recipes and papers run their shapes presets (1 thread); models and ops by cores / local processes
+    print(f"kfe bench: {threads.apply(args.threads, args.suites[:1] in (['recipe'], ['papers']))}", file=sys.stderr)
     if args.suites[:1] == ["recipe"]:
         args.recipes, args.suites = args.suites[1:], ["recipe"]
     elif args.suites[:1] == ["model"]:
         args.models, args.suites = args.suites[1:], ["model"]
+    elif args.suites[:1] == ["papers"]:
+        args.papers, args.suites = args.suites[1:], ["papers"]
     if not args.profile:
         return engine_cli.bench(args)
     import os

@@ -1,0 +1,125 @@
+"""A paper's results: per-arm mean and spread over seeds, the effect against the baseline arm, and
+NAME.md (table), NAME.json (every run's curve) and NAME.png (metric vs steps, every arm) in OUT.
+Files are written to a temporary name and renamed, so an interrupted run never leaves half a table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+
+from train.papers import Paper
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(paper: Paper, runs: list[dict]) -> dict:
+    arms = {}
+    for arm in paper.arms:
+        mine = [r for r in runs if r["arm"] == arm.name]
+        mean, std = _stats([r["final"] for r in mine])
+        entry = {"final_mean": mean, "final_std": std, "seeds": [r["seed"] for r in mine],
+                 "finals": [r["final"] for r in mine], "steps": mine[0]["steps"] if mine else 0}
+        if paper.probe is not None:
+            entry["probe_mean"], entry["probe_std"] = _stats([r["probe"]["top1"] for r in mine])
+        arms[arm.name] = entry
+    base = paper.arms[0].name
+    effects = {}
+    for arm in paper.arms[1:]:
+        a, b = arms[arm.name], arms[base]
+        eff = {"metric_delta": a["final_mean"] - b["final_mean"],
+               "metric_spread": max(a["final_std"], b["final_std"])}
+        if paper.probe is not None:
+            eff["probe_delta"] = a["probe_mean"] - b["probe_mean"]
+            eff["probe_spread"] = max(a["probe_std"], b["probe_std"])
+        effects[f"{arm.name} - {base}"] = eff
+    chance = {"metric": next((r["chance"] for r in runs if r.get("chance") is not None), None),
+              "probe": next((r["probe"].get("chance") for r in runs if "probe" in r), None)}
+    return {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
+            "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _verdict(delta: float, spread: float) -> str:
+    if math.isnan(delta):
+        return "n/a"
+    if abs(delta) <= spread:
+        return "within seed spread"
+    return "higher" if delta > 0 else "lower"
+
+
+def markdown(summary: dict, command: str) -> str:
+    probe = any("probe_mean" in a for a in summary["arms"].values())
+    lines = [f"# {summary['title']}", "", f"Paper's finding: {summary['claim']}.", "",
+             f"Command: `{command}`", ""]
+    if summary["notes"]:
+        lines += [f"Notes: {summary['notes']}.", ""]
+    head = f"| arm | steps | seeds | {summary['metric']} % (mean ± std) |" + (" linear probe % |" if probe else "")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, a in summary["arms"].items():
+        row = (f"| {name} | {a['steps']} | {','.join(map(str, a['seeds']))} | "
+               f"{_pct(a['final_mean'])} ± {_pct(a['final_std'])} |")
+        if probe:
+            row += f" {_pct(a['probe_mean'])} ± {_pct(a['probe_std'])} |"
+        lines.append(row)
+    lines += ["", "| effect | metric Δ (points) | vs seed spread |" + (" probe Δ | vs spread |" if probe else ""),
+              "|---|---|---|" + ("---|---|" if probe else "")]
+    for name, e in summary["effects"].items():
+        row = (f"| {name} | {100 * e['metric_delta']:+.1f} | "
+               f"{_verdict(e['metric_delta'], e['metric_spread'])} |")
+        if probe:
+            row += f" {100 * e['probe_delta']:+.1f} | {_verdict(e['probe_delta'], e['probe_spread'])} |"
+        lines.append(row)
+    chance = summary.get("chance") or {}
+    if chance.get("metric") is not None:
+        lines += ["", f"Chance (majority class of the held-out set): {summary['metric']} {_pct(chance['metric'])}%"
+                  + (f", probe {_pct(chance['probe'])}%" if chance.get("probe") is not None else "") + "."]
+    lines += ["", f"![{summary['paper']}]({summary['paper']}.png)", ""]
+    return "\n".join(lines)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def plot(summary: dict, runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(summary["arms"]):
+        for j, r in enumerate(r for r in runs if r["arm"] == name):
+            if r["curve"]:
+                xs, ys = zip(*r["curve"])
+                ax.plot(xs, [100 * y for y in ys], color=colors[i % len(colors)], marker="o", markersize=3,
+                        alpha=0.8, label=name if j == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{summary['metric']} (%)")
+    ax.set_title(summary["title"], fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def write(summary: dict, runs: list[dict], out: str, command: str) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, summary["paper"])
+    _write(base + ".json", json.dumps({**summary, "command": command, "runs": runs}, indent=1) + "\n")
+    _write(base + ".md", markdown(summary, command))
+    plot(summary, runs, base + ".png")
+    return [base + ".md", base + ".json", base + ".png"]

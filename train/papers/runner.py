@@ -1,0 +1,94 @@
+"""Train a paper's arms x seeds in-process (train.run) and collect their metric-vs-steps curves.
+
+Each run lives in RUNS/PAPER/ARM/seedS. A finished run (its metrics.jsonl ends with a summary at the full
+step count) is read back, not retrained; an interrupted one resumes from its newest checkpoint. So a
+rerun of `kfe bench papers` after a crash continues where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+
+from train.papers import Arm, Paper
+
+# Smoke mode: a few steps on a tiny split, every evaluation on a few images (seconds per arm).
+SMOKE = ("--steps", "4", "--eval_every", "2", "--log_every", "2", "--ckpt_every", "1000", "--batch_size", "16",
+         "--num_workers", "0", "--eval_batch_size", "64", "--shapes.size", "128", "--shapes.val_size", "48",
+         "--warmup_steps", "1", "--progress", "false")
+SMOKE_EXTRA = {"mae": ("--probe_samples", "64", "--eval_samples", "48"),
+               "cit": ("--curate_every", "2"),
+               "clip": ("--vocab_samples", "128"), "slip": ("--vocab_samples", "128")}
+
+
+def _records(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash
+                break
+    return out
+
+
+def _finished(records: list[dict], steps: int) -> dict | None:
+    for r in reversed(records):
+        if r.get("kind") == "summary":
+            return r if r["step"] >= steps and r["step"] == r["total_steps"] else None
+    return None
+
+
+def arm_overrides(paper: Paper, arm: Arm, seed: int, run_dir: str, smoke: bool) -> list[str]:
+    base = ["--seed", str(seed), "--out", run_dir, "--steps", str(paper.steps), "--eval_every",
+            str(paper.eval_every), "--resume", "auto", *paper.common, *arm.overrides]
+    if smoke:
+        base += [*SMOKE, *SMOKE_EXTRA.get(arm.recipe, ())]
+    return base
+
+
+def run_arm(paper: Paper, arm: Arm, seed: int, runs: str, smoke: bool = False, quiet: bool = True,
+            paths: dict[str, str] | None = None) -> dict:
+    """Train (or read back) one arm at one seed: {"curve": [(step, metric)], "final", "probe", ...}."""
+    from train.run import evaluate_checkpoint, resolve_config, train
+
+    run_dir = os.path.join(runs, paper.name, arm.name, f"seed{seed}")
+    overrides = arm_overrides(paper, arm, seed, run_dir, smoke)
+    for key, value in (paths or {}).items():
+        overrides = [o.replace(key, value) for o in overrides]
+    cfg, preset = resolve_config(arm.recipe, preset="shapes", overrides=overrides)
+    records = _records(run_dir)
+    summary = _finished(records, cfg.steps)
+    sink = io.StringIO()
+    if summary is None:
+        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+            summary = train(arm.recipe, cfg, preset)
+        records = _records(run_dir)
+    curve = [(r["step"], float(r[paper.metric])) for r in records
+             if r.get("kind") == "eval" and paper.metric in r]
+    curve = sorted(dict(curve).items())  # a resumed run may repeat a step: keep the last value
+    out = {"arm": arm.name, "seed": seed, "run_dir": run_dir, "planned_steps": cfg.steps, "steps": summary["step"],
+           "session_steps": summary["session_steps"], "final_loss": summary.get("final_loss"),
+           "curve": curve, "final": curve[-1][1] if curve else math.nan,
+           "chance": next((r["chance"] for r in reversed(records) if r.get("kind") == "eval" and "chance" in r),
+                          None)}
+    if paper.probe is not None:
+        probe_path = os.path.join(run_dir, "probe.json")
+        if os.path.isfile(probe_path):
+            with open(probe_path) as f:
+                out["probe"] = json.load(f)
+        else:
+            extra = ["--eval_batch_size", "64"] if smoke else []
+            with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+                m = evaluate_checkpoint(run_dir, "linear", overrides=[*paper.probe, *extra],
+                                        probe_samples=64 if smoke else 2000)
+            out["probe"] = {"top1": m["linear_top1"], "chance": m["chance"]}
+            with open(probe_path + ".tmp", "w") as f:
+                json.dump(out["probe"], f)
+            os.replace(probe_path + ".tmp", probe_path)
+    return out
