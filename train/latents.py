@@ -27,7 +27,10 @@ def load_vae(path: str, device: torch.device | str = "cpu"):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--vae {path!r}: not a diffusers AutoencoderKL directory (no config.json; expected the "
                          "sd-vae-ft-* layout: config.json + diffusion_pytorch_model.safetensors)")
-    from diffusers import AutoencoderKL
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ValueError("--vae needs diffusers: pip install 'kfe[vae]' (or pip install diffusers)") from None
 
     try:
         vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
