@@ -82,7 +82,13 @@ def test_compiled_checkpointed_blocks_give_the_same_step():
     fast = copy.deepcopy(plain)
     per_block(fast, act_ckpt=True, compile_blocks=True)
     loss_a, grads_a, _ = _step(plain, x, y)
-    loss_b, grads_b, _ = _step(fast, x, y)
+    # Drop path draws random numbers: inductor's own RNG (its default) gives other, equally valid draws, and
+    # which ones depended on the compile cache (passed warm, failed 3.4% on a clean CI clone). With
+    # fallback_random the compiled blocks draw eager's numbers, so the step must match exactly.
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        loss_b, grads_b, _ = _step(fast, x, y)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
     for name, g in grads_a.items():
         torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6, msg=name)
