@@ -81,5 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> None:
+    """The `kfe` console script and `python -m train.cli`: a torchrun worker that finished ends without
+    finalizing the interpreter (train/dist.py exit_worker says why); an exception ends it as usual."""
+    code = main() or 0
+    from train import dist as dist_mod
+
+    if dist_mod.is_torchrun_worker():
+        dist_mod.exit_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

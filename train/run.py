@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -75,6 +76,10 @@ def train(recipe_name: str, cfg, preset: str = "paper") -> dict:
                   f"warmup {trainer.warmup} | {trainer.threads_note}", flush=True)
         return run_loop(trainer)
     finally:
+        # The model (FSDP's device mesh, DDP's reducer) holds the process group: drop it first, so the
+        # group's threads end inside destroy_process_group, not during interpreter teardown.
+        del trainer
+        gc.collect()
         dist_mod.shutdown()
 
 
