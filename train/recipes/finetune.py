@@ -39,7 +39,8 @@ class FinetuneConfig(supervised.SupervisedConfig):
                         "('' = random init, the baseline)")
     layer_decay: float = opt(0.65, "layer-wise lr decay (1 = off): lr of layer i = lr * decay^(L - i)")
     layer_decay_type: Literal["auto", "single", "group"] = opt(
-        "auto", "ConvNeXt ids: single (one per block) or group (3 blocks per id); auto: group for >= 36 blocks (B/L/H; the paper decays H per block: its preset says single)")
+        "auto", "ConvNeXt ids: single (one per block) or group (3 blocks per id); auto: group for >= 36 blocks "
+                "(B/L/H; the paper decays H per block: its preset says single)")
     global_pool: bool = opt(True, "ViT: mean of patch tokens + fc_norm (MAE); false: the cls token")
     # MAE ViT-B (FINETUNE.md: 32 x 4 nodes x 8 GPUs = 1024, blr 5e-4, 100 epochs; main_finetune.py defaults)
     model: str = opt("vit_base_patch16", "registered model name (models.list_models())")
