@@ -146,6 +146,49 @@ def test_mismatched_architectures_fail_naming_the_keys(tmp_path):
         load_init(vit(), path)
 
 
+def test_long_sequence_mae_checkpoint_without_key_bias_initialises_a_vit(tmp_path):
+    """facebookresearch/long_seq_mae: MAE's layout pre-trained at twice the resolution (448 px there, a 16 x 16
+    grid here), the decoder's extra down-sampling conv, and its --no_k_bias_in_vit attention (q_bias and
+    v_bias, no qkv.bias) -> qkv.bias = [q, 0, v] (its convert_model_ckpt_k_bias.py --add_k_bias), positions
+    resized to the fine-tuning grid."""
+    sd = official_mae(grid=16)
+    for i in range(2):
+        qkv = sd.pop(f"blocks.{i}.attn.qkv.bias")
+        sd[f"blocks.{i}.attn.q_bias"], sd[f"blocks.{i}.attn.v_bias"] = qkv[:32], qkv[64:]
+    sd.update({"decoder_downsample.weight": torch.randn(16, 16, 2, 2), "decoder_downsample.bias": torch.randn(16)})
+    path = str(tmp_path / "vitb_dec384d12h8b_800ep_img448_crop0.2-1.0_maskds2.pth")
+    torch.save({"model": sd}, path)
+    model = vit()
+    report = load_init(model, path)
+    assert report.resized == ["pos_embed (1, 257, 32) -> (1, 65, 32)"]
+    assert {"decoder_downsample.weight", "decoder_downsample.bias"} <= set(report.dropped)
+    assert not any("q_bias" in k or "v_bias" in k for k in report.dropped)
+    got = model.state_dict()
+    for i in range(2):
+        q, v = sd[f"blocks.{i}.attn.q_bias"], sd[f"blocks.{i}.attn.v_bias"]
+        assert torch.equal(got[f"blocks.{i}.attn.qkv.bias"], torch.cat([q, torch.zeros(32), v]))
+    assert len(report.loaded) == 4 + 2 * 12
+
+
+def test_a_sharded_kfe_checkpoint_initialises_too(tmp_path):
+    """An FSDP run's ckpt-*.dcp (DCP shards + kfe-meta.pt), given as the file or through its run directory."""
+    import torch.distributed.checkpoint as dcp
+
+    from train import checkpoint as ckpt_mod
+    from train import dcp as dcp_mod
+
+    sd = official_mae()
+    path = str(tmp_path / "ckpt-00000003.dcp")
+    dcp.save({"model": sd}, checkpoint_id=path)
+    torch.save({"format": ckpt_mod.FORMAT_VERSION, "recipe": "mae", "step": 3, "config": {}},
+               f"{path}/{dcp_mod.META}")
+    for init in (path, str(tmp_path)):
+        model = vit()
+        report = load_init(model, init)
+        assert report.source.startswith("KFE mae checkpoint") and len(report.loaded) == 4 + 2 * 12
+        assert all(torch.equal(model.state_dict()[k], sd[k]) for k in report.loaded)
+
+
 def test_a_cls_token_vit_keeps_the_pretrained_norm(tmp_path):
     path = str(tmp_path / "mae.pth")
     torch.save({"model": official_mae()}, path)
