@@ -201,3 +201,36 @@ def test_a_real_sharded_checkpoint_still_reads(tmp_path):
     assert got.pop("extra") == {"scale": 1.5}  # a byte item, read with weights_only=True
     assert got.keys() == model.state_dict().keys()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_pretrained_weights_and_latent_shards_refuse_a_malicious_pickle_and_use_weights_only(tmp_path, monkeypatch):
+    """The other files KFE reads from elsewhere: `--pretrained FILE` (models.load_pretrained, image-text
+    recipes) and `.pt` latent shards (`kfe train dit --data latents.pt`)."""
+    from models import load_pretrained
+    from train.data.latents import LatentError, LatentShards
+
+    marker = str(tmp_path / "pwned")
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"state_dict": Evil(marker)}, evil)
+    with pytest.raises(ValueError, match="not a weights-only torch checkpoint") as err:
+        load_pretrained(torch.nn.Linear(2, 2), evil)
+    assert len(str(err.value).splitlines()) == 1
+    torch.save({"latents": Evil(marker)}, evil)
+    with pytest.raises(LatentError, match="cannot read latent shard .*references getattr") as err:
+        LatentShards([evil])
+    assert len(str(err.value).splitlines()) == 1 and not os.path.exists(marker), "the pickle's code ran"
+
+    real, calls = torch.load, []
+
+    def strict(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, f"torch.load without weights_only=True: {kwargs}"
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", strict)
+    lin = torch.nn.Linear(2, 2)
+    torch.save({"model": lin.state_dict()}, tmp_path / "w.pt")
+    load_pretrained(torch.nn.Linear(2, 2), str(tmp_path / "w.pt"))
+    torch.save({"latents": torch.zeros(2, 4, 2, 2), "labels": torch.zeros(2, dtype=torch.long)}, tmp_path / "z.pt")
+    assert len(LatentShards([str(tmp_path / "z.pt")])) == 2
+    assert len(calls) == 2
