@@ -256,12 +256,35 @@ def test_mae_presets_follow_finetune_md():
     assert (H.model, H.blr, H.layer_decay, H.drop_path, H.epochs) == ("vit_huge_patch14", 1e-3, 0.75, 0.3, 50.0)
 
 
-def test_maskfeat_preset_follows_slowfast_config():
+def test_maskfeat_presets_follow_slowfast_configs():
+    """configs/masked_ssl/in1k_VIT_{B,L}_MaskFeat_FT.yaml (BASE_LR at TRAIN.BATCH_SIZE, NUM_SHARDS 1)."""
     m = _preset("maskfeat_vit_base")
-    assert (m.batch_size, m.lr, m.layer_decay, m.epochs, m.warmup_epochs, m.drop_path, m.weight_decay) == (
-        512, 2e-3, 0.65, 100.0, 20.0, 0.1, 0.05)
-    assert (m.global_pool, m.head_init_scale, m.mixup, m.cutmix, m.label_smoothing, m.reprob) == (
-        True, 1e-3, 0.8, 1.0, 0.1, 0.25)
+    assert (m.model, m.batch_size, m.lr, m.layer_decay, m.epochs, m.warmup_epochs, m.drop_path, m.weight_decay) == (
+        "vit_base_patch16", 512, 2e-3, 0.65, 100.0, 20.0, 0.1, 0.05)
+    L = _preset("maskfeat_vit_large")
+    assert (L.model, L.batch_size, L.lr, L.layer_decay, L.epochs, L.warmup_epochs, L.drop_path, L.weight_decay) == (
+        "vit_large_patch16", 256, 1e-3, 0.75, 50.0, 5.0, 0.1, 0.05)
+    for c in (m, L):
+        assert (c.global_pool, c.head_init_scale, c.mixup, c.cutmix, c.label_smoothing, c.reprob, c.min_lr) == (
+            True, 1e-3, 0.8, 1.0, 0.1, 0.25, 1e-6)
+        assert c.randaug == "rand-m9-mstd0.5-inc1" and c.decay_pos_cls and not c.ema
+
+
+@pytest.mark.parametrize("decay_pos_cls", [False, True])
+def test_pos_embed_and_cls_token_weight_decay_follow_the_preset(tmp_path, decay_pos_cls):
+    """MAE exempts pos_embed / cls_token from weight decay; SlowFast's MaskFeat fine-tuning decays them
+    (ZERO_DECAY_POS_CLS: False), still exempting 1-D parameters and biases."""
+    from train.dist import init
+    from train.recipes import get
+
+    over = TINY_FT[:-4] + ["--out", str(tmp_path), "--decay_pos_cls", str(decay_pos_cls).lower()]
+    cfg, _ = resolve_config("finetune", overrides=over)
+    rec, info = get("finetune"), init("cpu")
+    task = rec.build_task(cfg, rec.build_data(cfg, info), info)
+    names = {id(p): n for n, p in task.model.named_parameters()}
+    wd = {names[id(p)]: g["weight_decay"] for g in task.param_groups(task.model) for p in g["params"]}
+    assert wd["pos_embed"] == wd["cls_token"] == (cfg.weight_decay if decay_pos_cls else 0.0)
+    assert wd["blocks.0.attn.qkv.weight"] == cfg.weight_decay and wd["blocks.0.attn.qkv.bias"] == 0.0
 
 
 # ConvNeXt V2, arXiv 2301.00808 Appendix A.2 Tables 9 (A/F/P/N), 10 (T), 11 (B/L/H), transcribed here by hand

@@ -13,7 +13,14 @@ Defaults are MAE's ViT-B fine-tuning (He et al., arXiv 2111.06377, Table 9 / fac
 FINETUNE.md): batch 1024, blr 5e-4, layer-wise lr decay 0.65 (train/lr_decay.py), weight decay 0.05,
 AdamW (0.9, 0.999), 100 epochs with 5 warmup, drop path 0.1, RandAugment (9, 0.5), label smoothing 0.1,
 Mixup 0.8, CutMix 1.0, random erasing 0.25, global average pooling + fc_norm, head initialised with
-std 2e-5. Presets cite their sources next to them. A ViT is built with a learned position table (MAE's
+std 2e-5. Presets cite their sources next to them.
+
+Not a preset: long-sequence MAE (Hu et al., arXiv 2210.07224). facebookresearch/long_seq_mae publishes
+checkpoints (448 px, L = 784; they load through --init, position table resized) and detection fine-tuning
+(FINETUNE_DETECTION.md, ViTDet); its FINETUNE.md and main_finetune.py are MAE's unchanged, and the paper's
+ImageNet-1K fine-tuning settings (its appendix) were not readable where this was written: no batch, lr,
+layer decay, drop path or epochs for a long-sequence classification run are transcribed here. The MAE
+presets are the documented fallback ("README_MAE.md ... such as fine-tuning on image classification"). A ViT is built with a learned position table (MAE's
 fine-tuning ViT is timm's), initialised from the checkpoint's (resized if the resolution differs).
 """
 from __future__ import annotations
@@ -28,7 +35,7 @@ import models
 from train.config import ConfigError, opt
 from train.dist import DistInfo
 from train.init_weights import load_init
-from train.lr_decay import param_groups_lrd
+from train.lr_decay import VIT_NO_WEIGHT_DECAY, param_groups_lrd
 from train.recipes import supervised
 from train.recipes.base import Data, Recipe, Task, register
 
@@ -42,6 +49,8 @@ class FinetuneConfig(supervised.SupervisedConfig):
         "auto", "ConvNeXt ids: single (one per block) or group (3 blocks per id); auto: group for >= 36 blocks "
                 "(B/L/H; the paper decays H per block: its preset says single)")
     global_pool: bool = opt(True, "ViT: mean of patch tokens + fc_norm (MAE); false: the cls token")
+    decay_pos_cls: bool = opt(False, "weight-decay a ViT's pos_embed / cls_token too (SlowFast's "
+                                     "ZERO_DECAY_POS_CLS: False); MAE exempts them")
     # MAE ViT-B (FINETUNE.md: 32 x 4 nodes x 8 GPUs = 1024, blr 5e-4, 100 epochs; main_finetune.py defaults)
     model: str = opt("vit_base_patch16", "registered model name (models.list_models())")
     batch_size: int = opt(1024, "global batch per optimizer step")
@@ -58,11 +67,19 @@ PRESETS = {
                       "epochs": 50.0},
     "mae_vit_huge": {"model": "vit_huge_patch14", "blr": 1e-3, "layer_decay": 0.75, "drop_path": 0.3,
                      "epochs": 50.0},
-    # MaskFeat ViT-B, facebookresearch/SlowFast configs/masked_ssl/in1k_VIT_B_MaskFeat_FT.yaml: batch 512,
-    # lr 2e-3, decay 0.65, 100 epochs (20 warmup), end lr 1e-6, drop path 0.1, mean pooling, head init 1e-3.
-    # (Its colour jitter 0.4 is not applied here.)
+    # MaskFeat, facebookresearch/SlowFast configs/masked_ssl/in1k_VIT_{B,L}_MaskFeat_FT.yaml (the fine-tune
+    # configs projects/maskfeat/README.md lists; NUM_SHARDS 1, so BASE_LR is the lr at TRAIN.BATCH_SIZE):
+    # B: batch 512, lr 2e-3, decay 0.65, 100 epochs (20 warmup); L: batch 256, lr 1e-3, decay 0.75, 50 epochs
+    # (5 warmup). Both: AdamW wd 0.05 with pos_embed / cls_token decayed too (ZERO_DECAY_POS_CLS False; 1-D
+    # and biases not), cosine to 1e-6, drop path 0.1, mean pooling, head init scale 1e-3, RandAugment
+    # rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1.
+    # (Their colour jitter 0.4 is not applied here.)
     "maskfeat_vit_base": {"model": "vit_base_patch16", "batch_size": 512, "lr": 2e-3, "layer_decay": 0.65,
-                          "epochs": 100.0, "warmup_epochs": 20.0, "drop_path": 0.1, "head_init_scale": 1e-3},
+                          "epochs": 100.0, "warmup_epochs": 20.0, "drop_path": 0.1, "head_init_scale": 1e-3,
+                          "decay_pos_cls": True},
+    "maskfeat_vit_large": {"model": "vit_large_patch16", "batch_size": 256, "lr": 1e-3, "layer_decay": 0.75,
+                           "epochs": 50.0, "warmup_epochs": 5.0, "drop_path": 0.1, "head_init_scale": 1e-3,
+                           "decay_pos_cls": True},
     # ConvNeXt V2 (Woo et al., arXiv 2301.00808, Appendix A.2, Tables 9-11; facebookresearch/ConvNeXt-V2
     # TRAINING.md for A / T / B, whose commands agree with the tables except B's base lr, see below). All
     # sizes: AdamW (0.9, 0.999), batch 1024, cosine, RandAug (9, 0.5), head init 0.001, EMA 0.9999; random
@@ -148,7 +165,9 @@ def build_task(cfg: FinetuneConfig, data: Data, info: DistInfo) -> Task:
     initialise(model, cfg, info)
     task = supervised.build_task(cfg, data, info, model=model)
     if cfg.layer_decay != 1.0:
-        task.param_groups = lambda m: param_groups_lrd(m, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type)
+        no_wd = () if cfg.decay_pos_cls else VIT_NO_WEIGHT_DECAY
+        task.param_groups = lambda m: param_groups_lrd(m, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type,
+                                                       no_weight_decay=no_wd)
     return task
 
 
