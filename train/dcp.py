@@ -12,14 +12,19 @@ therefore counts only once complete.
 
 Resume on any world size: the loader reads the saved shards into whatever sharding this run has (1
 process: plain tensors; N processes: FSDP2 DTensors), for the model and the optimizer (DCP reshards).
-`kfe export` / `kfe eval` read the full model state from the shards. DCP's `.metadata` is a pickle, as
-is kfe-meta.pt: a sharded checkpoint is read only from the run's own directory (`--resume auto`), never
-from a path elsewhere.
+`kfe export` / `kfe eval` read the full model state from the shards. Reading is safe, as for a one-file
+checkpoint: kfe-meta.pt with torch.load(weights_only=True); DCP's `.metadata` (a plain pickle, which DCP's
+own reader unpickles freely) with an unpickler that builds only DCP's metadata classes, torch sizes, dtypes
+and layouts and paths, refusing anything else; the non-tensor items in the shards with weights_only=True
+(DCP's default planner reads them with weights_only=False). `--resume` still takes a sharded checkpoint only
+from the run's own directory (its resharding needs this run's layout).
 """
 from __future__ import annotations
 
 import glob
 import os
+import pickle
+import re
 import shutil
 
 import torch
@@ -123,28 +128,126 @@ def read_meta(path: str) -> dict:
     from train.checkpoint import safe_load  # weights_only=True, as every other checkpoint file
 
     meta = safe_load(os.path.join(path, META))
+    _safe_reader(path).read_metadata()  # DCP's index (a pickle) refused here, before any DCP call reads it
     return {**meta, "dcp": path}
 
 
 def check_own(path: str, run_dir: str) -> None:
     if os.path.realpath(os.path.dirname(os.path.abspath(path))) != os.path.realpath(run_dir):
         raise ValueError(f"--resume {path}: a sharded checkpoint is resumed only from the run's own directory "
-                         f"({run_dir}; its metadata is a pickle): use --out {os.path.dirname(path)} --resume auto")
+                         f"({run_dir}): use --out {os.path.dirname(path)} --resume auto")
+
+
+# What a DCP `.metadata` pickle may construct (everything else is refused): DCP's metadata dataclasses,
+# the reader's storage records, torch.Size / dtypes / layouts, and the checkpoint's path.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references {module}.{name}")
+
+
+def _safe_reader(path: str):
+    """DCP's FileSystemReader, its metadata read by _MetadataUnpickler instead of pickle.load."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    from train.checkpoint import UnsafeCheckpointError
+
+    class SafeReader(FileSystemReader):
+        unsafe: UnsafeCheckpointError | None = None
+
+        def read_metadata(self, *args, **kwargs):
+            file = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(file, "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as err:
+                    self.unsafe = UnsafeCheckpointError(
+                        f"refusing to load sharded checkpoint metadata {str(file)!r}: {err}, not only DCP "
+                        "metadata")
+                    raise self.unsafe from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _weights_only_bytes(planner_cls):
+    """A DCP load planner reading the shards' non-tensor items with torch.load(weights_only=True)."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    from train.checkpoint import UnsafeCheckpointError
+
+    class Planner(planner_cls):
+        unsafe: UnsafeCheckpointError | None = None
+
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+                self.unsafe = UnsafeCheckpointError(
+                    f"refusing to load the sharded checkpoint's item {read_item.dest_index.fqn!r}: it references "
+                    f"{found.group(1) if found else 'objects'}, not only tensors and plain data")
+                raise self.unsafe from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return Planner
+
+
+def _read(load, *parts) -> None:
+    """Run a DCP load; a refused metadata file or item surfaces as its own one-line error (DCP folds
+    reader / planner errors into an AssertionError / CheckpointException message)."""
+    try:
+        load()
+    except BaseException:  # DCP's CheckpointException derives from BaseException
+        for part in parts:
+            if part.unsafe is not None:
+                raise part.unsafe from None
+        raise
 
 
 def load_into(path: str, module, optimizer) -> None:
     """Model and optimizer state from the shards, resharded to this run's layout (any world size)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(module, optimizer)  # the layout to fill (allocated here)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    reader, planner = _safe_reader(path), _weights_only_bytes(DefaultLoadPlanner)()
+    _read(lambda: dcp.load(state, storage_reader=reader, planner=planner), reader, planner)
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def full_model_state(path: str) -> dict:
     """The whole model state dict as plain CPU tensors (kfe export / eval), read from the shards."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    return dict(_load_state_dict_from_keys(keys={"model"}, checkpoint_id=path)["model"])
+    sd: dict = {}  # as DCP's _load_state_dict_from_keys(keys={"model"}), with the safe reader and planner
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    reader, planner = _safe_reader(path), _weights_only_bytes(_EmptyStateDictLoadPlanner)(keys={"model"})
+    _read(lambda: _load_state_dict(state_dict=sd, storage_reader=reader, no_dist=no_dist, planner=planner),
+          reader, planner)
+    return dict(sd["model"])

@@ -1,11 +1,14 @@
 """`--init RUN_OR_CKPT`: initialise a classifier's encoder from pre-trained weights, strictly.
 
 Accepted (all read with torch.load(weights_only=True), see train/checkpoint.py):
-- a KFE run directory (its newest checkpoint) or ckpt-*.pt file of mae, fcmae, maskfeat, supervised, ...;
+- a KFE run directory (its newest checkpoint), a ckpt-*.pt file or an FSDP run's sharded ckpt-*.dcp of mae,
+  fcmae, maskfeat, supervised, ...;
 - a KFE export (`kfe export`: a plain state dict in the official keys, .pt or .safetensors);
 - official checkpoints: MAE's `.pth` ({"model": ...}, facebookresearch/mae), ConvNeXt V2 FCMAE `.pt`
   ({"model": ...} with MinkowskiEngine keys, converted by models/fcmae_official.py), MaskFeat's SlowFast
-  checkpoint ({"model_state": ...}, converted by models.maskfeat.from_slowfast).
+  checkpoint ({"model_state": ...}, converted by models.maskfeat.from_slowfast); long-sequence MAE's `.pth`
+  (facebookresearch/long_seq_mae: MAE's layout, pre-trained at 448 px so its position table is resized;
+  its `--no_k_bias_in_vit` variant's q_bias / v_bias merged into qkv.bias).
 
 The pre-trained keys are mapped to the target model's; anything that does not match is reported, and only
 the expected differences pass: pre-training-only parts dropped (decoder*, mask_token, the MaskFeat / FCMAE
@@ -64,14 +67,20 @@ def _read(path: str):
 
 def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """(encoder state dict in KFE's dense keys, a description of the source)."""
-    if os.path.isdir(path):
+    from train import dcp
+
+    if os.path.isdir(path) and not os.path.normpath(path).endswith(dcp.SUFFIX):
         found = ckpt_mod.find_resume(path, "auto")
         if found is None:
             raise FileNotFoundError(f"--init {path!r}: no checkpoint in that run directory")
         path = found
-    if not os.path.isfile(path):
+    if os.path.isdir(path):  # an FSDP run's sharded checkpoint: metadata and model read safely (train/dcp.py)
+        obj = {**ckpt_mod.load(path), "model": None}
+        obj["model"] = dcp.full_model_state(path)
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"--init {path!r}: no such file or run directory")
-    obj = _read(path)
+    else:
+        obj = _read(path)
     if isinstance(obj, dict) and obj.get("format") == 1:
         raise ckpt_mod.UnsafeCheckpointError(f"{path} is a format-1 KFE checkpoint: convert it once with "
                                              f"`kfe checkpoint upgrade {path}`")
@@ -101,7 +110,21 @@ def to_dense(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = from_slowfast(sd)
     if any(k.startswith("encoder.") for k in sd):
         sd = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in sd.items()}
-    return sd
+    return merge_qv_bias(sd)
+
+
+def merge_qv_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BEiT-style attention without a key bias (long-sequence MAE's `--no_k_bias_in_vit`: `attn.q_bias`,
+    `attn.v_bias`) -> one `attn.qkv.bias` with a zero key part, as facebookresearch/long_seq_mae's
+    tools/convert_model_ckpt_k_bias.py --add_k_bias does. Exact: a key bias adds the same q.b_k to every
+    logit of a query, which the softmax cancels."""
+    out = dict(sd)
+    for name in [k for k in sd if k.endswith("attn.q_bias")]:
+        v_name = name[:-len("q_bias")] + "v_bias"
+        if v_name in out:
+            q, v = out.pop(name), out.pop(v_name)
+            out[name[:-len("q_bias")] + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    return out
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

@@ -3,9 +3,10 @@
 The layer id of each parameter is assigned as the official fine-tuning code assigns it:
 - ViT (facebookresearch/mae, util/lr_decay.py): cls_token, pos_embed, patch_embed -> 0; blocks.i -> i + 1;
   everything else (fc_norm / norm, head) -> L = depth + 1; scale = decay^(L - id).
-- ConvNeXt V2 (facebookresearch/ConvNeXt-V2, optim_factory.py), "single" (Atto..Tiny): downsample_layers.s
-  -> sum(depths[:s]) + 1, stages.s.b -> sum(depths[:s]) + b + 1, the rest -> sum(depths) + 1, with
-  L = sum(depths); "group" (Base..Huge, built for depths (3, 3, 27, 3)): 12 groups of three blocks
+- ConvNeXt V2 (facebookresearch/ConvNeXt-V2, optim_factory.py), "single" (the paper's default: Atto..Tiny
+  and Huge): downsample_layers.s -> sum(depths[:s]) + 1, stages.s.b -> sum(depths[:s]) + b + 1, the rest ->
+  sum(depths) + 1, with L = sum(depths); "group" (Base and Large, arXiv 2301.00808 A.2; built for depths
+  (3, 3, 27, 3)): 12 groups of three blocks
   (stem 0, stage 0 -> 1, stage 1 / downsample 1 -> 2, downsample 2 -> 3, stage 2 block b -> 3 + b // 3,
   downsample 3 and stage 3 -> 12, the rest 13), with L = 12; scale = decay^(L + 1 - id).
 No weight decay on 1-D parameters, biases, GRN's gamma / beta (ConvNeXt V2) and on the names in

@@ -3,6 +3,7 @@ is refused by each loading command with a one-line error, and old (format 1) KFE
 once by `kfe checkpoint upgrade` (never loaded with weights_only=False)."""
 import os
 import pathlib
+import pickle
 import random
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from tests.train.util import TINY
 from train import checkpoint as ckpt_mod
+from train import dcp as dcp_mod
 from train.cli import main as kfe_main
 
 DIT = ["--resolution", "16", "--model", "dit_s_4", "--model_kwargs", '{"hidden_size": 32, "depth": 1, "num_heads": 2}',
@@ -138,3 +140,97 @@ def test_rng_state_roundtrips_through_a_weights_only_file(tmp_path):
     expected = (random.random(), np.random.randn(), torch.rand(()).item())
     ckpt_mod.set_rng_state(torch.load(path, weights_only=True))
     assert (random.random(), np.random.randn(), torch.rand(()).item()) == expected
+
+
+# ------------------------------------------------------------------ sharded (DCP) checkpoints
+
+def _evil_dcp(tmp_path, item: bool = False) -> tuple[str, str]:
+    """A sharded checkpoint whose DCP `.metadata` pickle (or, with item, one non-tensor item in its shards)
+    would touch a file when unpickled; its kfe-meta.pt is a clean format-2 record."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = str(tmp_path / "pwned")
+    path = str(tmp_path / "ckpt-00000001.dcp")
+    if item:
+        dcp.save({"model": {"w": torch.ones(2), "x": Evil(marker)}}, checkpoint_id=path)
+    else:
+        os.makedirs(path)
+        with open(os.path.join(path, ".metadata"), "wb") as f:
+            pickle.dump(Evil(marker), f)
+    torch.save({"format": ckpt_mod.FORMAT_VERSION, "recipe": "supervised", "step": 1, "config": {}},
+               os.path.join(path, dcp_mod.META))
+    return path, marker
+
+
+@pytest.mark.parametrize("command", ["train --resume", "eval", "export", "finetune --init", "sample"])
+def test_each_loading_command_refuses_a_sharded_checkpoint_with_malicious_metadata(tmp_path, capsys, command):
+    """DCP's own reader unpickles `.metadata` freely: `kfe export DIR.dcp` ran the pickle before."""
+    path, marker = _evil_dcp(tmp_path)
+    argv = _commands(path, tmp_path)[command]
+    if command == "train --resume":  # a sharded checkpoint resumes only in its own run: --resume auto there
+        argv = ["train", "supervised", *SUP, "--steps", "2", "--out", str(tmp_path), "--resume", "auto"]
+    assert kfe_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert not os.path.exists(marker), "the pickle's code ran"
+    assert len(err.splitlines()) == 1 and "refusing to load" in err and "pathlib.Path.touch" in err, err
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_malicious_item_in_the_shards_is_refused(tmp_path, capsys, command):
+    """DCP's default planner reads non-tensor items with torch.load(weights_only=False)."""
+    path, marker = _evil_dcp(tmp_path, item=True)
+    assert kfe_main(_commands(path, tmp_path)[command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert not os.path.exists(marker), "the pickle's code ran"
+    assert len(err.splitlines()) == 1 and "refusing to load" in err and "'model.x'" in err, err
+
+
+def test_a_real_sharded_checkpoint_still_reads(tmp_path):
+    """The metadata allow-list admits what DCP writes for a model + optimizer (tensors, byte items)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    path = str(tmp_path / "ckpt-00000001.dcp")
+    dcp.save({"model": {**msd, "extra": {"scale": 1.5}}, "optimizer": osd}, checkpoint_id=path)
+    got = dcp_mod.full_model_state(path)
+    assert got.pop("extra") == {"scale": 1.5}  # a byte item, read with weights_only=True
+    assert got.keys() == model.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_pretrained_weights_and_latent_shards_refuse_a_malicious_pickle_and_use_weights_only(tmp_path, monkeypatch):
+    """The other files KFE reads from elsewhere: `--pretrained FILE` (models.load_pretrained, image-text
+    recipes) and `.pt` latent shards (`kfe train dit --data latents.pt`)."""
+    from models import load_pretrained
+    from train.data.latents import LatentError, LatentShards
+
+    marker = str(tmp_path / "pwned")
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"state_dict": Evil(marker)}, evil)
+    with pytest.raises(ValueError, match="not a weights-only torch checkpoint") as err:
+        load_pretrained(torch.nn.Linear(2, 2), evil)
+    assert len(str(err.value).splitlines()) == 1
+    torch.save({"latents": Evil(marker)}, evil)
+    with pytest.raises(LatentError, match="cannot read latent shard .*references getattr") as err:
+        LatentShards([evil])
+    assert len(str(err.value).splitlines()) == 1 and not os.path.exists(marker), "the pickle's code ran"
+
+    real, calls = torch.load, []
+
+    def strict(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, f"torch.load without weights_only=True: {kwargs}"
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", strict)
+    lin = torch.nn.Linear(2, 2)
+    torch.save({"model": lin.state_dict()}, tmp_path / "w.pt")
+    load_pretrained(torch.nn.Linear(2, 2), str(tmp_path / "w.pt"))
+    torch.save({"latents": torch.zeros(2, 4, 2, 2), "labels": torch.zeros(2, dtype=torch.long)}, tmp_path / "z.pt")
+    assert len(LatentShards([str(tmp_path / "z.pt")])) == 2
+    assert len(calls) == 2

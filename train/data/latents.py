@@ -21,6 +21,8 @@ from __future__ import annotations
 import bisect
 import glob
 import os
+import pickle
+import re
 
 import numpy as np
 import torch
@@ -71,6 +73,10 @@ def _load(path: str) -> tuple[object, object | None, float | None]:
             scale = float(z["latent_scale"]) if "latent_scale" in z else None
             return z["latents"], (z["labels"] if "labels" in z else None), scale
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused an object: one line naming it
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise LatentError(f"cannot read latent shard {path}: it references {found.group(1) if found else 'objects'}, "
+                          "not only tensors and plain data") from None
     except (OSError, ValueError, RuntimeError) as err:
         if isinstance(err, LatentError):
             raise
