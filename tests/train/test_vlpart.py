@@ -341,3 +341,35 @@ def test_training_flops_are_counted_and_leave_the_global_rng_alone():
         assert torch.equal(torch.get_rng_state(), before)
     # the backbone and FPN grow with the pixels (4x), the RoI heads do not: well over 1.5x at these widths
     assert flops[32] > 1e6 and flops[64] > 1.5 * flops[32]
+
+
+def test_position_term_matches_mirrored_objects_when_features_cannot_tell():
+    """Features that say nothing (all alike): the object-box position decides, and the mirror search
+    finds a base object facing the other way (a head on the right matches a head on the left)."""
+    f = torch.ones(4, 40, 40) / 2
+    body = np.zeros((40, 40), bool)
+    body[20:36, 4:30] = True
+    head = np.zeros((40, 40), bool)
+    head[8:20, 22:30] = True                      # base: head on the top right
+    base = body | head
+    target = np.fliplr(base).copy()               # the same object facing left
+    t_head, t_body = np.fliplr(head), np.fliplr(body)
+    got = dict(parse_mod.transfer(f, target, f, base, [("body", body), ("head", head)], coord_weight=1.0))
+    assert np.array_equal(got["head"], t_head) and np.array_equal(got["body"], t_body)
+    no_flip = dict(parse_mod.transfer(f, target, f, base, [("body", body), ("head", head)], coord_weight=1.0,
+                                      flip="no"))
+    assert (no_flip.get("head", np.zeros_like(target)) & t_head).sum() < t_head.sum() // 2
+    # several base objects vote: two copies of the base and one with the parts swapped -> the majority
+    swapped = [("body", head), ("head", body)]
+    got = dict(parse_mod.transfer_vote(f, target, [(f, base, [("body", body), ("head", head)])] * 2
+                                       + [(f, base, swapped)], coord_weight=1.0))
+    assert np.array_equal(got["head"], t_head)
+
+
+def test_folded_position_term_equals_the_explicit_distance():
+    g = torch.Generator().manual_seed(0)
+    tf, bf = torch.randn(8, 300, generator=g), torch.randn(8, 200, generator=g)
+    tc, bc = torch.rand(2, 300, generator=g), torch.rand(2, 200, generator=g)
+    idx, score = parse_mod._nearest(tf, bf, tc, bc, coord_weight=0.7)
+    ref = tf.t() @ bf - 0.7 * ((tc[:, :, None] - bc[:, None, :]) ** 2).sum(0)
+    assert torch.equal(idx, ref.argmax(dim=1)) and abs(score - float(ref.max(dim=1).values.mean())) < 1e-4

@@ -111,14 +111,17 @@ def _object_coords(mask: np.ndarray, pix: np.ndarray, flip: bool = False) -> tor
 
 def _nearest(tf, bf, tc=None, bc=None, coord_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """(index of each target column's best base column, mean best score); score = cosine similarity
-    minus coord_weight * squared distance of the object-box positions."""
+    minus coord_weight * squared distance of the object-box positions. The distance is folded into one
+    matmul: -w|t - b|^2 = 2w t.b - w|b|^2 - w|t|^2 (the last term is the same for every base column)."""
+    if coord_weight:
+        r = (2 * coord_weight) ** 0.5
+        tf = torch.cat([tf, r * tc, torch.ones(1, tf.shape[1])])
+        bf = torch.cat([bf, r * bc, -coord_weight * (bc * bc).sum(0, keepdim=True)])
     idx, best = [], []
     for s in range(0, tf.shape[1], 4096):
-        sim = tf[:, s:s + 4096].t() @ bf
+        v, i = (tf[:, s:s + 4096].t() @ bf).max(dim=1)
         if coord_weight:
-            t = tc[:, s:s + 4096]
-            sim = sim - coord_weight * ((t * t).sum(0)[:, None] + (bc * bc).sum(0)[None] - 2 * t.t() @ bc)
-        v, i = sim.max(dim=1)
+            v = v - coord_weight * (tc[:, s:s + 4096] ** 2).sum(0)
         idx.append(i)
         best.append(v)
     return torch.cat(idx), float(torch.cat(best).mean())
