@@ -4,8 +4,13 @@ For every novel-object instance of the training data (object mask + name, no par
 1. the nearest base-object instance (one with part annotations) by the cosine similarity of their global
    features (the backbone's features averaged inside each object's mask);
 2. every pixel inside the novel object's mask takes the part of its nearest-neighbour pixel inside the
-   base object's mask (cosine similarity of per-pixel features; base pixels outside every part are
-   "no part");
+   base object's mask: cosine similarity of per-pixel features minus `coord_weight` x the squared
+   distance of the two pixels' positions in their objects' boxes (scaled to [0, 1]), the base also tried
+   mirrored (objects face either way; the better mean match wins). The position term is the geometric
+   regulariser of dense correspondence: features alone match a leg pixel to *some* leg pixel, the
+   position picks the one in the same place, and it keeps isolated wrong matches from becoming parts.
+   With `neighbours` > 1 the k nearest base objects vote per pixel. Base pixels outside every part are
+   "no part";
 3. the pixels of each part become its transferred mask: the largest connected component (the k largest
    when the base object has k instances of that part, e.g. four legs), box from the mask;
 4. the parsed parts are written as COCO JSON annotations of the novel object's part categories
@@ -222,7 +227,8 @@ def _parse_one(inst, feats, base, bglob, res, opts, allowed=None):
                          base_stride=opts["base_stride"])
 
 
-PARSE_DEFAULTS = dict(levels=("0",), neighbours=1, coord_weight=0.0, flip="best", base_stride=1)
+# chosen on base objects only (base_quality: a dog parsed from horses, cars, trucks), never on novel parts
+PARSE_DEFAULTS = dict(levels=("0",), neighbours=1, coord_weight=1.0, flip="best", base_stride=2)
 
 
 def parse(ds, kind: str = "backbone", model=None, prepare=None, max_base: int = 1000, progress: bool = True,
