@@ -373,3 +373,23 @@ def test_folded_position_term_equals_the_explicit_distance():
     idx, score = parse_mod._nearest(tf, bf, tc, bc, coord_weight=0.7)
     ref = tf.t() @ bf - 0.7 * ((tc[:, :, None] - bc[:, None, :]) ** 2).sum(0)
     assert torch.equal(idx, ref.argmax(dim=1)) and abs(score - float(ref.max(dim=1).values.mean())) < 1e-4
+
+
+def test_base_quality_parses_each_base_object_from_other_categories_only():
+    """The protocol-legal check: a dog is parsed from the horse, never from itself. The horse is coloured
+    the other way round (red right), so features-only parsing from it swaps the parts: IoU 0, where
+    parsing the dog from itself would score 1."""
+    img, base, parts, novel, left, right = _pair()
+    img[30:46, 20:35], img[30:46, 35:50] = (0, 0, 255), (255, 0, 0)   # the horse: part a blue, b red
+    enc = lambda m: {**(r := mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))),  # noqa: E731
+                     "counts": r["counts"].decode("ascii")}
+    box = lambda m: [float(np.where(m)[1].min()), float(np.where(m)[0].min()), 10.0, 10.0]  # noqa: E731
+    cats = [dict(id=1, name="dog"), dict(id=2, name="dog:a"), dict(id=3, name="dog:b"), dict(id=4, name="horse"),
+            dict(id=5, name="horse:a"), dict(id=6, name="horse:b")]
+    anns = [(1, base), (2, parts[0][1]), (3, parts[1][1]), (4, novel), (5, left), (6, right)]
+    coco = {"images": [dict(id=7, file_name="x.png", width=64, height=64)], "categories": cats,
+            "annotations": [dict(id=k, image_id=7, category_id=c, bbox=box(m), segmentation=enc(m), iscrowd=0)
+                            for k, (c, m) in enumerate(anns, 1)]}
+    ds = PartDataset(coco, 64, arrays={7: img})
+    q = parse_mod.base_quality(ds, "pixels", n=2, coord_weight=0.0)
+    assert q["parts"] == 4 and q["mean_iou"] == 0.0
