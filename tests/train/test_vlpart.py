@@ -293,3 +293,103 @@ def test_smoke_train_parse_train_with_parsed_parts_eval_predict_and_exact_resume
     resumed = str(tmp_path / "resumed")
     assert kfe_main([*args, "--steps", "4", "--out", resumed, "--resume", os.path.join(run, "ckpt-00000002.pt")]) == 0
     assert _losses(resumed) == [s for s in _losses(run) if s[0] > 2]
+
+
+@pytest.mark.slow  # torchrun with 2 gloo processes, twice
+def test_torchrun_two_processes_train_checkpoint_and_resume_exactly(tmp_path):
+    """The same DDP path as every recipe: 2 gloo processes split the global batch, checkpoint, and a
+    resumed run repeats the uninterrupted run's losses."""
+    import subprocess
+    import sys
+
+    from tests.train.util import ROOT, env
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "train.cli", "train", "vlpart", "--data", "shapes-parts", *TINY, "--steps", "4", "--ckpt_every",
+               "2", *args]
+        r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    run = str(tmp_path / "ddp")
+    out = torchrun("--out", run)
+    assert "2 process(es) on cpu" in out and "(2 per process x 1 accumulation)" in out
+    assert os.path.isfile(os.path.join(run, "ckpt-00000002.pt")) and os.path.isfile(os.path.join(run, "ckpt-00000004.pt"))
+    resumed = str(tmp_path / "resumed")
+    out = torchrun("--out", resumed, "--resume", os.path.join(run, "ckpt-00000002.pt"))
+    assert "resuming at step 2" in out
+    assert _losses(resumed) == [s for s in _losses(run) if s[0] > 2] and len(_losses(resumed)) == 2
+
+
+def test_training_flops_are_counted_and_leave_the_global_rng_alone():
+    """`kfe bench` gets a counted figure (a training forward under torch's FLOP counter, x3 for fwd+bwd)
+    and counting draws no random numbers that training would then miss (proposal sampling uses the RNG)."""
+    from train.recipes.vlpart import VLPartConfig, build_model, training_flops
+
+    flops = {}
+    for res in (32, 64):
+        cfg = VLPartConfig(model="convnext_tiny", model_kwargs={"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]},
+                           fpn_channels=16, rep_size=32, mask_layers=[16], roi_batch=16, rpn_post_nms=50,
+                           resolution=res)
+        ds = open_parts("shapes-parts", "train", res, size=3)
+        text = text_mod.embed(ds.names)
+        model = build_model(cfg, text.shape[1])
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        flops[res] = training_flops(model, ds, cfg, text, torch.arange(len(ds.names) + 1))
+        assert torch.equal(torch.get_rng_state(), before)
+    # the backbone and FPN grow with the pixels (4x), the RoI heads do not: well over 1.5x at these widths
+    assert flops[32] > 1e6 and flops[64] > 1.5 * flops[32]
+
+
+def test_position_term_matches_mirrored_objects_when_features_cannot_tell():
+    """Features that say nothing (all alike): the object-box position decides, and the mirror search
+    finds a base object facing the other way (a head on the right matches a head on the left)."""
+    f = torch.ones(4, 40, 40) / 2
+    body = np.zeros((40, 40), bool)
+    body[20:36, 4:30] = True
+    head = np.zeros((40, 40), bool)
+    head[8:20, 22:30] = True                      # base: head on the top right
+    base = body | head
+    target = np.fliplr(base).copy()               # the same object facing left
+    t_head, t_body = np.fliplr(head), np.fliplr(body)
+    got = dict(parse_mod.transfer(f, target, f, base, [("body", body), ("head", head)], coord_weight=1.0))
+    assert np.array_equal(got["head"], t_head) and np.array_equal(got["body"], t_body)
+    no_flip = dict(parse_mod.transfer(f, target, f, base, [("body", body), ("head", head)], coord_weight=1.0,
+                                      flip="no"))
+    assert (no_flip.get("head", np.zeros_like(target)) & t_head).sum() < t_head.sum() // 2
+    # several base objects vote: two copies of the base and one with the parts swapped -> the majority
+    swapped = [("body", head), ("head", body)]
+    got = dict(parse_mod.transfer_vote(f, target, [(f, base, [("body", body), ("head", head)])] * 2
+                                       + [(f, base, swapped)], coord_weight=1.0))
+    assert np.array_equal(got["head"], t_head)
+
+
+def test_folded_position_term_equals_the_explicit_distance():
+    g = torch.Generator().manual_seed(0)
+    tf, bf = torch.randn(8, 300, generator=g), torch.randn(8, 200, generator=g)
+    tc, bc = torch.rand(2, 300, generator=g), torch.rand(2, 200, generator=g)
+    idx, score = parse_mod._nearest(tf, bf, tc, bc, coord_weight=0.7)
+    ref = tf.t() @ bf - 0.7 * ((tc[:, :, None] - bc[:, None, :]) ** 2).sum(0)
+    assert torch.equal(idx, ref.argmax(dim=1)) and abs(score - float(ref.max(dim=1).values.mean())) < 1e-4
+
+
+def test_base_quality_parses_each_base_object_from_other_categories_only():
+    """The protocol-legal check: a dog is parsed from the horse, never from itself. The horse is coloured
+    the other way round (red right), so features-only parsing from it swaps the parts: IoU 0, where
+    parsing the dog from itself would score 1."""
+    img, base, parts, novel, left, right = _pair()
+    img[30:46, 20:35], img[30:46, 35:50] = (0, 0, 255), (255, 0, 0)   # the horse: part a blue, b red
+    enc = lambda m: {**(r := mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))),  # noqa: E731
+                     "counts": r["counts"].decode("ascii")}
+    box = lambda m: [float(np.where(m)[1].min()), float(np.where(m)[0].min()), 10.0, 10.0]  # noqa: E731
+    cats = [dict(id=1, name="dog"), dict(id=2, name="dog:a"), dict(id=3, name="dog:b"), dict(id=4, name="horse"),
+            dict(id=5, name="horse:a"), dict(id=6, name="horse:b")]
+    anns = [(1, base), (2, parts[0][1]), (3, parts[1][1]), (4, novel), (5, left), (6, right)]
+    coco = {"images": [dict(id=7, file_name="x.png", width=64, height=64)], "categories": cats,
+            "annotations": [dict(id=k, image_id=7, category_id=c, bbox=box(m), segmentation=enc(m), iscrowd=0)
+                            for k, (c, m) in enumerate(anns, 1)]}
+    ds = PartDataset(coco, 64, arrays={7: img})
+    q = parse_mod.base_quality(ds, "pixels", n=2, coord_weight=0.0)
+    assert q["parts"] == 4 and q["mean_iou"] == 0.0

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 import models
@@ -174,9 +175,36 @@ def build_task(cfg: VLPartConfig, data: Data, info: DistInfo) -> Task:
                 ev.write_json(metrics, os.path.join(run_dir, "eval.json"))
         return broadcast_object(metrics, info)
 
-    task = Task(model=model, loss=loss, evaluate=evaluate, channels_last=False, describe=ev.describe)
+    task = Task(model=model, loss=loss, evaluate=evaluate, channels_last=False, describe=ev.describe,
+                flops_per_sample=training_flops(model, train, cfg, text_train, to_train))
     task.text_train, task.used = text_train, used  # for tests and tools
     return task
+
+
+def training_flops(model, train, cfg: VLPartConfig, text: torch.Tensor, to_train: torch.Tensor,
+                   n: int = 2) -> float | None:
+    """Training FLOPs per image (fwd + bwd = 3x the forward, as the other recipes' 6 x MACs), counted by
+    torch.utils.flop_counter on a training forward of the first `n` box-annotated training images: a
+    detector's cost depends on its proposals and sampled RoIs, so it is measured, not derived. RoIAlign
+    and NMS are not matmuls and are not counted. The global RNG is restored (proposal sampling draws
+    from it), so counting does not change the training run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train.data.transforms import normalize
+
+    idx = [i for i in range(len(train)) if "labels" in train.targets(i)][:n]
+    if not idx:
+        return None
+    x = torch.stack([torch.from_numpy(np.array(train[i]["image"])).permute(2, 0, 1) for i in idx])
+    x = normalize(x, torch.device("cpu"))
+    targets = []
+    for i in idx:
+        t = train.targets(i)
+        targets.append({"boxes": t["boxes"], "labels": to_train[t["labels"]], "masks": t["masks"]})
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.train()
+        model(x, text, targets)
+    return 3.0 * counter.get_total_flops() / len(idx)
 
 
 # `kfe bench recipe vlpart`: (model, resolution, batch, workers) per device (None: the recipe's model)

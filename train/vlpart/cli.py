@@ -97,7 +97,14 @@ def parse_command(args) -> int:
 
     recipe, cfg, data, task, module, prepare, info, step = load_for_eval(args.run, ["--device", "cpu"])
     ds = data.train.dataset.base
-    doc, stats = parse_mod.parse(ds, args.features, module, prepare, max_base=args.max_base)
+    opts = dict(levels=tuple(v.strip() for v in args.levels.split(",") if v.strip()), neighbours=args.neighbours,
+                coord_weight=args.coord_weight, flip="no" if args.no_flip else "best", base_stride=args.base_stride)
+    if args.neighbours < 1 or args.base_stride < 1 or args.coord_weight < 0:
+        raise SystemExit("kfe vlpart parse: --neighbours and --base_stride must be >= 1, --coord_weight >= 0")
+    doc, stats = parse_mod.parse(ds, args.features, module, prepare, max_base=args.max_base, **opts)
+    if args.check_base:  # the protocol-legal check: base objects parsed from other base categories
+        stats["base_quality"] = parse_mod.base_quality(ds, args.features, module, prepare, n=args.check_base,
+                                                       max_base=args.max_base, **opts)
     parse_mod.write(doc, args.out)
     if cfg.data == "shapes-parts":  # the built-in data knows its novel parts: measure the parsing
         stats["quality"] = parse_mod.part_quality(doc, _full_train(cfg))
@@ -105,6 +112,12 @@ def parse_command(args) -> int:
     with open(os.path.splitext(args.out)[0] + ".stats.json", "w") as f:
         json.dump(stats, f, indent=1)
     return 0
+
+
+def parse_mod_defaults() -> dict:
+    from train.vlpart.parse import PARSE_DEFAULTS
+
+    return PARSE_DEFAULTS
 
 
 def _full_train(cfg):
@@ -143,6 +156,17 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="output COCO JSON of parsed part annotations")
     q.add_argument("--features", choices=["backbone", "pixels"], default="backbone")
     q.add_argument("--max_base", type=int, default=1000, help="base instances searched")
+    d = parse_mod_defaults()
+    q.add_argument("--levels", default=",".join(d["levels"]), help="FPN levels whose features are matched "
+                   "(backbone features; '0' = P2 only)")
+    q.add_argument("--neighbours", type=int, default=d["neighbours"],
+                   help="nearest base objects whose transfers vote per pixel")
+    q.add_argument("--coord_weight", type=float, default=d["coord_weight"],
+                   help="weight of the position in the object's box in the match (0 = features only)")
+    q.add_argument("--no_flip", action="store_true", help="do not also try each base object's mirror image")
+    q.add_argument("--base_stride", type=int, default=d["base_stride"], help="match every n-th base pixel (speed)")
+    q.add_argument("--check_base", type=int, default=0,
+                   help="also parse this many base objects from other base categories and score them (stats)")
     q.set_defaults(func=parse_command)
     q = vsub.add_parser("embed", help="write a text-embedding file for a vocabulary (MiniLM, offline)")
     q.add_argument("--names", required=True, help="comma-separated names ('dog:head' is embedded as 'dog head')")
