@@ -24,8 +24,8 @@ resolution. Odd sizes drop the last row / column, as Conv2d(k=2, s=2) does.
 Building a stage without host syncs: V (and so the tables' sizes) depends on the mask's values, so
 `from_mask` reads the per-sample counts to the host once (one sync per stage) unless the caller knows
 them: `rows_per_sample=P` (FCMAE keeps the same number of patches per sample, so every stage's P is
-known on the host) sizes everything from P, with no sync on a GPU (the counts are checked there by a
-device-side assert; on the CPU by a ValueError). The table's memory layout follows the device: on a
+known on the host) sizes everything from P, with no sync (the counts are checked by torch._assert_async: a
+device-side assert on a GPU, a RuntimeError on the CPU). The table's memory layout follows the device: on a
 GPU tap-major ((k*k, V) storage, viewed as (V, k*k)), so a kernel reading one tap for a block of rows
 reads contiguous indices; on the CPU row-major, as the C++ kernel walks a row's taps. Either way
 `neighbours[v, t]` is the same value.
@@ -201,13 +201,10 @@ def _build(mask: torch.Tensor, k: int, rows_per_sample: int | None = None,
         uniform = per[0] if per and per[0] > 0 and all(c == per[0] for c in per) else None
     else:
         V, uniform = N * rows_per_sample, rows_per_sample
-        agree = (counts == rows_per_sample).all()
-        if mask.device.type == "cpu":
-            if not bool(agree):
-                raise ValueError(f"rows_per_sample = {rows_per_sample}, but the mask's samples have "
-                                 f"{counts.tolist()} visible sites")
-        else:  # checked on the device: no sync
-            torch._assert_async(agree, "rows_per_sample does not match the mask's visible sites per sample")
+        # Checked where the counts are, without reading them on the host (a device-side assert on a
+        # GPU; on the CPU a RuntimeError right away).
+        torch._assert_async((counts == rows_per_sample).all(),
+                            f"rows_per_sample = {rows_per_sample} does not match the mask's visible sites per sample")
     index = mask.reshape(-1).nonzero_static(size=V).squeeze(1)         # (V,) sorted: rows ordered by (n, h, w)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     # Tap (i, j) of site (n, h, w) is rank[n, h + i, w + j] in the -1-padded rank map: one gather of

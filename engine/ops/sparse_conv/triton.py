@@ -13,8 +13,8 @@ The window. Rows are ordered by (n, h, w) in both layouts, so every source of ro
 HALO = p*W + p rows of r (p = k // 2; in the rows layout fewer visible sites lie between, never more).
 A program owns BLOCK_R consecutive rows and BLOCK_C channels: it loads the x rows
 [r0 - HALO, r0 + BLOCK_R + HALO) once into a WIN-row register tile and takes every tap's shifted
-rows from it with tl.gather; nothing is re-fetched per tap. BLOCK_R is sized against HALO so the
-halo adds at most ~50% to x's rows (~2x HALO <= BLOCK_R, capped on a GPU).
+rows from it with tl.gather; nothing is re-fetched per tap. BLOCK_R is sized against HALO (see
+_blocks) so the halo adds little to x's rows.
 
 Launches and counted budget (tests/engine/ops/test_sparse_conv_v2.py, under the interpreter; bytes
 over unmasked lanes; s = element size, K = k*k, V = rows computed, h = 2*HALO / BLOCK_R):
@@ -162,14 +162,14 @@ def _dwconv_bwd_kernel(
 
 
 def _blocks(halo: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, WIN, num_warps). BLOCK_R about 2x the halo (the halo adds <= ~100% of x's rows
-    before the cap, ~50% after rounding up), WIN the window rows as a power of two.
+    """(BLOCK_R, BLOCK_C, WIN, num_warps); WIN = the window's rows, BLOCK_R + 2 HALO to a power of two.
 
-    Interpreter: few, large programs (up to 4096 rows). GPU: the x and dy windows live in registers /
-    shared memory for tl.gather, so blocks stay small: 16 channels, at most 512 rows (untimed on a GPU;
-    at W = 56 the halo is then 67% of x's rows)."""
+    Interpreter (the counted budget): BLOCK_R >= 8 HALO up to 4096 rows, so the halo adds <= 25% to
+    x's rows. GPU: the x and dy windows sit in registers / shared memory for tl.gather, so blocks stay
+    small: 16 channels, BLOCK_R ~2-4 HALO up to 512 rows (at W = 56 the halo then adds 67% of x's rows,
+    which neighbouring programs read through L2). Not yet timed or compiled on a GPU."""
     if gpu(device) is None:
-        block_r = min(max(triton.next_power_of_2(max(2 * halo, 1)), 64), 4096)
+        block_r = min(max(triton.next_power_of_2(max(8 * halo, 1)), 64), 4096)
         block_c = min(triton.next_power_of_2(C), 128)
         warps = 4
     else:
