@@ -22,13 +22,13 @@ of a 224 px input) a window is all-visible or all-masked, so this is the mask at
 resolution. Odd sizes drop the last row / column, as Conv2d(k=2, s=2) does.
 
 Building a stage without host syncs: V (and so the tables' sizes) depends on the mask's values, so
-`from_mask` reads the per-sample counts to the host once (one sync per stage) unless the caller knows
-them: `rows_per_sample=P` (FCMAE keeps the same number of patches per sample, so every stage's P is
-known on the host) sizes everything from P, with no sync (the counts are checked by torch._assert_async: a
-device-side assert on a GPU, a RuntimeError on the CPU). The table's memory layout follows the device: on a
-GPU tap-major ((k*k, V) storage, viewed as (V, k*k)), so a kernel reading one tap for a block of rows
-reads contiguous indices; on the CPU row-major, as the C++ kernel walks a row's taps. Either way
-`neighbours[v, t]` is the same value.
+`from_mask` reads the per-sample counts to the host once (one sync per stage) unless the caller
+knows them: `rows_per_sample=P` (FCMAE keeps the same number of patches per sample, so every stage's
+P is known on the host) sizes everything from P with no sync; the counts are checked by
+torch._assert_async (a device-side assert on a GPU, a RuntimeError on the CPU). The table's memory
+layout follows the device: tap-major on a GPU ((k*k, V) storage viewed as (V, k*k)), so a kernel
+reading one tap for a block of rows reads contiguous indices; row-major on the CPU, as the C++
+kernel walks a row's taps. Either way `neighbours[v, t]` is the same value.
 
 torch.compile: building a stage (`SparseStage.from_mask`, `downsample`) has data-dependent shapes
 (V = number of visible sites) and runs eagerly, outside the compiled region; build all stages up

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from engine import _ext
 from engine.backend import FLOAT_DTYPES, Impl, OpBackends, register
 from engine.ops import _checks
 
@@ -17,6 +18,8 @@ def _example(device: torch.device) -> tuple:
 
 BACKENDS = register(OpBackends("grn_rows", example=_example))
 BACKENDS.add(Impl("triton", "engine.ops.grn_rows.triton", dtypes=LOWP))
+BACKENDS.add(Impl("cpp", "engine.ops.grn_rows.cpp", dtypes=FLOAT_DTYPES,
+                  available=lambda: [] if _ext.has_op("_grn_rows_fwd_cpp") else ["engine._C has no grn_rows kernel"]))
 BACKENDS.add(Impl("reference", "engine.ops.grn_rows.reference"))
 
 
@@ -85,7 +88,7 @@ def grn_rows(x: torch.Tensor, offsets: torch.Tensor, gamma: torch.Tensor, beta: 
     """GRN (ConvNeXt V2) of rows x (V, C) with each sample's statistics over its own rows.
 
     Args:
-        x: (V, C) float32 / float16 / bfloat16 (float64 on the reference backend).
+        x: (V, C) float32 / float16 / bfloat16 (float64 on the cpp and reference backends).
         offsets: (N + 1,) int64, sample n's rows are offsets[n]:offsets[n + 1], offsets[N] = V
             (engine.sparse.SparseStage.offsets; samples may have different row counts, or none).
         gamma, beta: C elements, (C,) or (1, 1, 1, C).

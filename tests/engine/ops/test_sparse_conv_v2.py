@@ -11,8 +11,10 @@ Budgets (engine/ops/sparse_conv/triton.py, engine/ops/grn_rows/triton.py), bytes
 """
 import pytest
 import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 import engine
+from engine import _ext
 from engine.backend import triton_interpreting
 from engine.ops import grn_rows
 from engine.ops.grn import reference as grn_reference
@@ -83,8 +85,14 @@ def test_sparse_conv_launches_and_bytes_within_budget(N, H, W, C, k, dtype, kind
 def test_stages_build_without_host_sync_when_rows_per_sample_known():
     mask = block_mask(3, 32, 32, 8, 0.6)                       # FCMAE-like: 6 of 16 patches kept per sample
     per = [6 * 64, 6 * 16, 6 * 4, 6]
-    with no_host_sync():
+    with no_host_sync():                                        # no Python-level read of a tensor ...
         stages = build_stages(mask, 4, 7, rows_per_sample=per)
+    with FakeTensorMode() as fake:                              # ... and no data-dependent size either
+        # (nonzero, boolean indexing: C++ syncs that no_host_sync cannot see fail on fake tensors)
+        shapes = [st.neighbours.shape for st in build_stages(fake.from_tensor(mask), 4, 7, rows_per_sample=per)]
+        with pytest.raises(DataDependentOutputException):
+            build_stages(fake.from_tensor(mask), 4, 7)
+    assert shapes == [(p, 49) for p in (3 * q for q in per)]
     plain = build_stages(mask, 4, 7)                            # reads the counts: one sync per stage
     for fast, slow, p in zip(stages, plain, per):
         assert fast.rows_per_sample == slow.rows_per_sample == p
@@ -117,7 +125,8 @@ def test_table_layouts_and_halo():
 def _grn_case(dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     N, H, W, C = 4, 6, 7, 40
-    mask = torch.rand(N, H, W, generator=gen) < torch.tensor([0.2, 0.5, 0.9, 0.0])[:, None, None]  # uneven; sample 3 empty
+    density = torch.tensor([0.2, 0.5, 0.9, 0.0])[:, None, None]     # uneven counts; sample 3 has no rows
+    mask = torch.rand(N, H, W, generator=gen) < density
     x = torch.randn(N, H, W, C, generator=gen, dtype=torch.float64)
     x[~mask] = float("nan")                                     # masked sites must not reach the rows
     gamma, beta = torch.randn(C, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64)
@@ -126,11 +135,14 @@ def _grn_case(dtype, seed=0):
     return x, mask, gamma, beta, stage
 
 
-@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("triton", torch.float32),
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("cpp", torch.float64),
+                                            ("cpp", torch.bfloat16), ("triton", torch.float32),
                                             ("triton", torch.bfloat16)], ids=str)
 def test_grn_rows_matches_masked_grn_spec(backend, dtype):
     if backend == "triton" and not triton_interpreting():
         pytest.skip("triton on CPU tensors needs the interpreter")
+    if backend == "cpp" and not _ext.has_op("_grn_rows_fwd_cpp"):
+        pytest.fail("engine._C has no grn_rows kernel: rebuild it (setup.py build_ext --inplace)")
     x, mask, gamma, beta, stage = _grn_case(dtype)
     feats = stage.gather(x).feats
     xs = feats.to(dtype).detach().requires_grad_()
@@ -193,3 +205,27 @@ def test_grn_rows_bad_inputs_name_the_argument():
         grn_rows(x, off, torch.zeros(7), p)
     with pytest.raises(ValueError, match="x"):
         grn_rows(x[None], off, p, p)
+
+
+def test_fcmae_stage_rows_known_from_the_patch_mask():
+    from models.fcmae import stage_rows
+
+    assert stage_rows([6, 6, 6], 8, 4) == [6 * 64, 6 * 16, 6 * 4, 6]      # 32 px patches: 8x8 sites at stage 1
+    assert stage_rows([6, 6], 2, 4) == [24, 6, None, None]                 # past one site per patch: unknown
+    assert stage_rows([5, 6], 8, 4) == [None] * 4                          # uneven samples: the stage reads them
+    assert stage_rows([0, 0], 8, 2) == [None, None]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_grn_rows_opcheck_and_compile(backend):
+    x, mask, gamma, beta, stage = _grn_case(torch.float64)
+    feats = stage.gather(x).feats.detach()
+    with engine.use_backend(backend):
+        torch.library.opcheck(torch.ops.kfe.grn_rows.default,
+                              (feats.clone().requires_grad_(), stage.offsets, gamma.clone().requires_grad_(),
+                               beta.clone().requires_grad_(), 1e-6))
+        torch.library.opcheck(torch.ops.kfe.grn_rows_backward.default,
+                              (torch.randn_like(feats), feats, stage.offsets, gamma, 1e-6))
+        compiled = torch.compile(grn_rows, fullgraph=True, backend="eager")
+        args = (feats, stage.offsets, gamma, beta)
+        torch.testing.assert_close(compiled(*args), grn_rows(*args))
