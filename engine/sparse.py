@@ -21,6 +21,15 @@ masked inputs count as zero. With FCMAE's patch-aligned masks (32 px patches: 8x
 of a 224 px input) a window is all-visible or all-masked, so this is the mask at the coarser
 resolution. Odd sizes drop the last row / column, as Conv2d(k=2, s=2) does.
 
+Building a stage without host syncs: V (and so the tables' sizes) depends on the mask's values, so
+`from_mask` reads the per-sample counts to the host once (one sync per stage) unless the caller
+knows them: `rows_per_sample=P` (FCMAE keeps the same number of patches per sample, so every stage's
+P is known on the host) sizes everything from P with no sync; the counts are checked by
+torch._assert_async (a device-side assert on a GPU, a RuntimeError on the CPU). The table's memory
+layout follows the device: tap-major on a GPU ((k*k, V) storage viewed as (V, k*k)), so a kernel
+reading one tap for a block of rows reads contiguous indices; row-major on the CPU, as the C++
+kernel walks a row's taps. Either way `neighbours[v, t]` is the same value.
+
 torch.compile: building a stage (`SparseStage.from_mask`, `downsample`) has data-dependent shapes
 (V = number of visible sites) and runs eagerly, outside the compiled region; build all stages up
 front with `build_stages`. Everything that consumes a stage (gather, blocks, downsample layers,
@@ -66,12 +75,17 @@ class SparseStage:
         return self.index.shape[0]
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, kernel_size: int = 7) -> "SparseStage":
-        """The stage of a bool (N, H, W) mask, with a kernel_size x kernel_size neighbour table."""
+    def from_mask(cls, mask: torch.Tensor, kernel_size: int = 7, rows_per_sample: int | None = None,
+                  tap_major: bool | None = None) -> "SparseStage":
+        """The stage of a bool (N, H, W) mask, with a kernel_size x kernel_size neighbour table.
+
+        rows_per_sample: the number of visible sites of every sample, when known (no host sync);
+        tap_major: the table's storage (default: tap-major on a GPU, row-major on the CPU)."""
         _checks.tensor("mask", mask, ndim=3, dtypes=(torch.bool,), layout="(N, H, W)")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-        return _build(mask.contiguous(), kernel_size)
+        _check_rows_per_sample(rows_per_sample, mask)
+        return _build(mask.contiguous(), kernel_size, rows_per_sample, tap_major)
 
     def gather(self, x: torch.Tensor) -> "SparseTensor":
         """Dense channels-last x (N, H, W, C) -> its visible rows (differentiable)."""
@@ -81,13 +95,16 @@ class SparseStage:
                              f"got {tuple(x.shape)}")
         return SparseTensor(x.reshape(-1, x.shape[-1]).index_select(0, self.index), self)
 
-    def downsample(self) -> "SparseStage":
-        """The stage at half resolution: visible where any site of the 2x2 window is visible."""
+    def downsample(self, rows_per_sample: int | None = None) -> "SparseStage":
+        """The stage at half resolution: visible where any site of the 2x2 window is visible.
+
+        rows_per_sample: that stage's visible sites per sample, when known (no host sync)."""
         N, H, W = self.shape
         if H < 2 or W < 2:
             raise ValueError(f"cannot downsample a stage of size {H}x{W} with a 2x2 window")
         coarse = F.max_pool2d(self.mask[:, None].to(torch.uint8), 2)[:, 0].bool()  # (N, H/2, W/2)
-        stage = _build(coarse.contiguous(), self.kernel_size)
+        _check_rows_per_sample(rows_per_sample, coarse)
+        stage = _build(coarse.contiguous(), self.kernel_size, rows_per_sample, _is_tap_major(self.neighbours))
         rank = _rank(self.mask, self.num_rows).long()                   # (N, H, W), masked -> V_fine
         n, i, j = _coords(stage.index, coarse.shape[1], coarse.shape[2])
         taps = [rank[n, 2 * i + a, 2 * j + b] for a in (0, 1) for b in (0, 1)]
@@ -135,13 +152,20 @@ def to_dense(x: SparseTensor) -> torch.Tensor:
     return x.to_dense()
 
 
-def build_stages(mask: torch.Tensor, num_stages: int = 4, kernel_size: int = 7) -> list[SparseStage]:
-    """The stages of a ConvNeXt encoder from the stage-1 mask, each the downsampling of the previous."""
+def build_stages(mask: torch.Tensor, num_stages: int = 4, kernel_size: int = 7,
+                 rows_per_sample: list[int] | None = None) -> list[SparseStage]:
+    """The stages of a ConvNeXt encoder from the stage-1 mask, each the downsampling of the previous.
+
+    rows_per_sample: every stage's visible sites per sample (num_stages ints), when the caller knows
+    them (FCMAE's patch masks: kept patches x sites per patch); then no stage syncs the host."""
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    stages = [SparseStage.from_mask(mask, kernel_size)]
-    for _ in range(num_stages - 1):
-        stages.append(stages[-1].downsample())
+    per = [None] * num_stages if rows_per_sample is None else list(rows_per_sample)
+    if len(per) != num_stages:
+        raise ValueError(f"rows_per_sample must give one count per stage ({num_stages}), got {rows_per_sample!r}")
+    stages = [SparseStage.from_mask(mask, kernel_size, per[0])]
+    for p in per[1:]:
+        stages.append(stages[-1].downsample(p))
     return stages
 
 
@@ -155,20 +179,48 @@ def _rank(mask: torch.Tensor, fill: int) -> torch.Tensor:
     return torch.where(flat, flat.cumsum(0, dtype=torch.int32) - 1, fill).view(mask.shape)
 
 
-def _build(mask: torch.Tensor, k: int) -> SparseStage:
+def _check_rows_per_sample(rows_per_sample, mask: torch.Tensor) -> None:
+    if rows_per_sample is None:
+        return
     N, H, W = mask.shape
-    index = mask.reshape(-1).nonzero().squeeze(1)                      # (V,) sorted: rows ordered by (n, h, w)
-    V = index.shape[0]
+    if not isinstance(rows_per_sample, int) or isinstance(rows_per_sample, bool) or not 0 < rows_per_sample <= H * W:
+        raise ValueError(f"rows_per_sample must be None or an int in [1, H*W = {H * W}], got {rows_per_sample!r}")
+
+
+def _is_tap_major(table: torch.Tensor) -> bool:
+    return table.dim() == 2 and table.shape[0] > 1 and table.stride(0) == 1
+
+
+def _build(mask: torch.Tensor, k: int, rows_per_sample: int | None = None,
+           tap_major: bool | None = None) -> SparseStage:
+    N, H, W = mask.shape
     counts = mask.sum(dim=(1, 2))                                      # (N,)
+    if rows_per_sample is None:
+        per = counts.tolist()  # the one host sync: V sizes the index and the table
+        V = sum(per)
+        uniform = per[0] if per and per[0] > 0 and all(c == per[0] for c in per) else None
+    else:
+        V, uniform = N * rows_per_sample, rows_per_sample
+        # Checked where the counts are, without reading them on the host (a device-side assert on a
+        # GPU; on the CPU a RuntimeError right away).
+        torch._assert_async((counts == rows_per_sample).all(),
+                            f"rows_per_sample = {rows_per_sample} does not match the mask's visible sites per sample")
+    index = mask.reshape(-1).nonzero_static(size=V).squeeze(1)         # (V,) sorted: rows ordered by (n, h, w)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    # Tap (i, j) of site (n, h, w) is rank[n, h + i, w + j] in the -1-padded rank map: a strided
-    # (N, H, W, k, k) window view of it, read at the visible sites, is the table (one gather).
+    # Tap (i, j) of site (n, h, w) is rank[n, h + i, w + j] in the -1-padded rank map: one gather of
+    # the window offsets around each visible site's top-left corner.
     p = k // 2
-    rank = F.pad(_rank(mask, -1), (p, p, p, p), value=-1)               # (N, H + 2p, W + 2p)
     Hp, Wp = H + 2 * p, W + 2 * p
-    windows = rank.as_strided((N, H, W, k, k), (Hp * Wp, Wp, 1, Wp, 1))
-    neighbours = windows[mask].reshape(V, k * k)                       # (V, k*k) int32
-    sparse_op.mark_valid(neighbours)
-    per = counts.tolist()
-    uniform = per[0] if per and per[0] > 0 and all(c == per[0] for c in per) else None
+    rank = F.pad(_rank(mask, -1), (p, p, p, p), value=-1).reshape(-1)  # (N * Hp * Wp,)
+    n, h, w = _coords(index, H, W)
+    corner = n * (Hp * Wp) + h * Wp + w                                  # (V,)
+    taps = torch.arange(k, device=mask.device)
+    window = (taps[:, None] * Wp + taps[None, :]).reshape(-1)           # (K,) row-major as the weight
+    if tap_major is None:
+        tap_major = mask.device.type != "cpu"
+    if tap_major:
+        neighbours = rank[window[:, None] + corner[None, :]].t()        # (K, V) storage, (V, K) view
+    else:
+        neighbours = rank[corner[:, None] + window[None, :]]            # (V, K)
+    sparse_op.mark_valid(neighbours, halo=p * W + p)  # sources lie within p*W + p rows (sorted by (n, h, w))
     return SparseStage(mask, index, index // (H * W), offsets, neighbours, k, uniform)

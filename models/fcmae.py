@@ -73,6 +73,18 @@ def upsample_mask(mask: torch.Tensor, grid: tuple[int, int], scale: int) -> torc
     return m.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
+def stage_rows(kept: list[int], side: int, num_stages: int) -> list[int | None]:
+    """Visible sites per sample at each stage when every sample keeps kept[0] patches of side x side
+    sites at stage 1: a patch stays whole down to one site per patch; past that (or for uneven
+    samples) the count depends on the mask (None: the stage reads it, one host sync)."""
+    uniform = bool(kept) and kept[0] > 0 and all(k == kept[0] for k in kept)
+    out = []
+    for s in range(num_stages):
+        sub = side >> s
+        out.append(kept[0] * sub * sub if uniform and sub >= 1 and sub << s == side else None)
+    return out
+
+
 class SparseConvNeXtV2(nn.Module):
     """ConvNeXt V2 encoder on visible sites; parameter names are the dense ConvNeXt V2's."""
 
@@ -187,14 +199,18 @@ class FCMAE(nn.Module):
 
         Eager by design: the stage tables have data-dependent sizes (engine.sparse)."""
         grid = self.grid(imgs)
-        N = imgs.shape[0]
+        N, L = imgs.shape[0], grid[0] * grid[1]
         if mask is None:
             ratio = self.mask_ratio if mask_ratio is None else mask_ratio
             mask = random_mask(N, grid, ratio, device=imgs.device)
-        elif tuple(mask.shape) != (N, grid[0] * grid[1]):
-            raise ValueError(f"mask must be (N, L) = ({N}, {grid[0] * grid[1]}) (1 = removed), got {tuple(mask.shape)}")
+            kept = [int(L * (1 - ratio))] * N                                 # known: no host sync
+        elif tuple(mask.shape) != (N, L):
+            raise ValueError(f"mask must be (N, L) = ({N}, {L}) (1 = removed), got {tuple(mask.shape)}")
+        else:
+            kept = (mask == 0).sum(dim=1).tolist()                            # one sync for a given mask
         visible = upsample_mask(mask, grid, self.patch_size // 4) == 0       # (N, H/4, W/4), True = visible
-        return mask, sparse.build_stages(visible.contiguous(), num_stages=4)
+        return mask, sparse.build_stages(visible.contiguous(), num_stages=4,
+                                         rows_per_sample=stage_rows(kept, self.patch_size // 4, 4))
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """latent (N, h, w, C3) -> pred (N, L, p*p*C): mask tokens where removed, the decoder, 1x1 pred."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.nn.grn import GRN
+from engine.ops.grn_rows import grn_rows as grn_rows_op
 from engine.ops.sparse_conv import op as sparse_op
 from engine.sparse import SparseStage, SparseTensor
 
@@ -26,21 +27,15 @@ def grn_rows(h: torch.Tensor, stage: SparseStage, grn: GRN) -> torch.Tensor:
     """GRN of rows h (V, C) with statistics over each sample's rows (kfe::grn at visible sites).
 
     FCMAE keeps the same number of patches in every sample, so the rows are an (N, V/N) grid and
-    kfe::grn's kernels run on them as they are. Otherwise (arbitrary masks) a segment sum does it.
+    kfe::grn's kernels run on them as they are. Otherwise (arbitrary masks) kfe::grn_rows walks each
+    sample's rows by the stage's offsets.
     """
     N = stage.shape[0]
     V, C = h.shape
     P = stage.rows_per_sample
     if P is not None:
         return grn(h.view(N, P, 1, C)).view(V, C)
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    hf = h.to(acc)
-    sq = hf.new_zeros(N, C).index_add(0, stage.sample, hf * hf)       # (N, C) sum of squares per sample
-    pos = sq > 0
-    gx = torch.where(pos, torch.where(pos, sq, 1).sqrt(), 0)          # ||.||_2 with subgradient 0 at 0
-    nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)               # (N, C)
-    gamma, beta = grn.gamma.reshape(C).to(acc), grn.beta.reshape(C).to(acc)
-    return (gamma * (hf * nx[stage.sample]) + beta + hf).to(h.dtype)
+    return grn_rows_op(h, stage.offsets, grn.gamma, grn.beta, grn.eps)
 
 
 def check_feats_dtype(x: SparseTensor, param: torch.Tensor, layer: str) -> None:

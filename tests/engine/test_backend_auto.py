@@ -17,6 +17,7 @@ EXPECTED = {
     "attention": ("torch", "triton"),
     "contrastive_loss": ("reference", "triton"),
     "grn": ("cpp", "triton"),
+    "grn_rows": ("cpp", "triton"),
     "hog": ("cpp", "cuda"),
     "sparse_dwconv2d": ("cpp", "triton"),
 }

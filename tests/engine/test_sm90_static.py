@@ -50,7 +50,7 @@ def test_assume_gpu_seam():
         assert _target.gpu(cpu) == _target.H200
         fwd = attn.configs(4096, 4096, 64, torch.bfloat16, cpu)["fwd"]
         assert (fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages) == (128, 64, 4, 3)
-        assert sc._fwd_blocks(128, cpu)[0] < 512 and grn._blocks(64, 3136, 512, cpu)[:2] == (32, 128)
+        assert sc._blocks(171, 128, cpu)[:2] == (512, 16) and grn._blocks(64, 3136, 512, cpu)[:2] == (32, 128)
         # The split aims at 2 programs per SM: 132 SMs, 64 row blocks x 4 column blocks -> split 2.
         assert con._blocks(4096, 4096, 1024, cpu)["split"] == 2
     assert _target.gpu(cpu) is None
@@ -79,7 +79,7 @@ def test_sm90_kernels_fit_and_16bit_configs_do_not_spill(tmp_path):
     report = out.read_text()
     for op, name in (("attention", "_attn_fwd_kernel"), ("attention", "_attn_bwd_dkdv_kernel"),
                      ("contrastive", "_fwd_kernel"), ("contrastive", "_bwd_kernel"),
-                     ("sparse_conv", "_dwconv_fwd_kernel"), ("sparse_conv", "_dwconv_wgrad_kernel"),
+                     ("sparse_conv", "_dwconv_fwd_kernel"), ("sparse_conv", "_dwconv_bwd_kernel"),
                      ("grn", "_grn_reduce_kernel"), ("grn", "_grn_apply_kernel"), ("hog", "_hog_kernel")):
         assert f"| {op} | {name} |" in report, (op, name)
     assert " 0 over a limit" in report

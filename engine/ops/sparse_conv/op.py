@@ -226,11 +226,33 @@ def check_rows(feats, neighbours, weight, bias, *, values: bool = True) -> None:
 
 # Tables known to be valid, with the version counter they had then (an in-place edit invalidates).
 _VALID = WeakIdKeyDictionary()
+# Halo of a table (max |nbr[r, t] - r| over its entries, or a bound of it), with the version counter.
+_HALO = WeakIdKeyDictionary()
 
 
-def mark_valid(neighbours: torch.Tensor) -> None:
-    """Records that this neighbour table is a valid submanifold table (engine.sparse builds them)."""
+def mark_valid(neighbours: torch.Tensor, halo: int | None = None) -> None:
+    """Records that this neighbour table is a valid submanifold table (engine.sparse builds them) and,
+    when given, a bound on how far its entries lie from their row (the stage knows it: p*W + p)."""
     _VALID[neighbours] = neighbours._version
+    if halo is not None:
+        _HALO[neighbours] = (neighbours._version, int(halo))
+
+
+def table_halo(neighbours: torch.Tensor) -> int:
+    """max |neighbours[r, t] - r| over the valid entries (or the bound its builder recorded): how many
+    rows the fast paths' windows reach around a block. A table that engine.sparse did not build costs
+    one pass and a host sync the first time it is seen (and after an in-place change)."""
+    known = _HALO.get(neighbours)
+    if known is not None and known[0] == neighbours._version:
+        return known[1]
+    V = neighbours.shape[0]
+    if V == 0:
+        return 0
+    rows = torch.arange(V, device=neighbours.device)[:, None]
+    dist = torch.where(neighbours >= 0, (neighbours.long() - rows).abs(), 0)
+    halo = int(dist.max())
+    _HALO[neighbours] = (neighbours._version, halo)
+    return halo
 
 
 def _check_table_values(nbr: torch.Tensor) -> None:

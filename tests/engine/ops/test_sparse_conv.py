@@ -62,18 +62,18 @@ def _check_rows(backend, x, w, b, m, dtype=None, expect=None):
                                     backend=backend, dtype=dtype, expect=expect, allow_zero=not m.any())
 
 
+def _small_blocks(block_r, block_c):
+    """_blocks as a GPU picks them, fixed: block_r rows, block_c channels, the window around them."""
+    return lambda halo, C, device: (block_r, block_c, 1 << (block_r + 2 * halo - 1).bit_length(), 4)
+
+
 def _gpu_tiles():
-    """The GPU's tiling under the interpreter: 32-row forward blocks, 8 channels, the weight-gradient rows
-    split across programs (the interpreter otherwise takes 512 rows and 256 channels at once)."""
+    """GPU-sized tiles under the interpreter: 32-row blocks of 8 channels, so the windows of neighbouring
+    blocks overlap and channel blocks are several (the interpreter otherwise takes all rows at once)."""
     from engine.ops.sparse_conv import triton as sc_triton
 
     stack = ExitStack()
-    def wgrad_blocks(R, C, K, device):  # as on the GPU: rows split 3 ways in whole blocks
-        rows = common.cdiv(common.cdiv(R, 3), 16) * 16
-        return 16, 8, common.cdiv(R, rows), rows
-
-    stack.enter_context(mock.patch.object(sc_triton, "_wgrad_blocks", wgrad_blocks))
-    stack.enter_context(mock.patch.object(sc_triton, "_fwd_blocks", lambda C, device: (32, 8, 4)))
+    stack.enter_context(mock.patch.object(sc_triton, "_blocks", _small_blocks(32, 8)))
     return stack
 
 
@@ -246,7 +246,7 @@ def test_weight_grad_skips_fully_masked_row_blocks(backend, monkeypatch):
         pytest.fail(f"{backend} backend unavailable")
     if backend == "triton":
         from engine.ops.sparse_conv import triton as sc_triton
-        monkeypatch.setattr(sc_triton, "_wgrad_blocks", lambda R, C, K, device: (32, 32, 2, 384))
+        monkeypatch.setattr(sc_triton, "_blocks", _small_blocks(32, 32))
     m = torch.zeros(3, 16, 16, dtype=torch.bool)         # W = 16: a 32-row block is 2 image rows
     m[0] = block_mask(1, 16, 16, 4, 0.5)[0]              # patch-aligned
     m[0, 4:8] = False                                    # a row of masked patches: blocks 2, 3 all masked
@@ -270,14 +270,13 @@ def test_cpp_register_blocks_and_channel_tails(dtype, C):
     _check_rows("cpp", x, w, b, m)
 
 
-def test_triton_split_reduction_and_small_blocks(monkeypatch):
-    # On a GPU the weight-gradient rows are split across programs and blocks are small; force both.
+def test_triton_small_blocks_and_block_partials(monkeypatch):
+    # On a GPU blocks are small: many weight-gradient partials to add, windows overlapping; force it.
     if "triton" not in BACKENDS:
         pytest.fail("triton backend unavailable")
     from engine.ops.sparse_conv import triton as sc_triton
 
-    monkeypatch.setattr(sc_triton, "_wgrad_blocks", lambda R, C, K, device: (8, 8, 3, 24))
-    monkeypatch.setattr(sc_triton, "_fwd_blocks", lambda C, device: (16, 8, 4))
+    monkeypatch.setattr(sc_triton, "_blocks", _small_blocks(16, 8))
     m = block_mask(2, 6, 9, 2, 0.6)
     m[1] = False  # rows 54..107: whole 16-row blocks with no visible site skip the taps
     x, w, b, _ = _inputs((2, 6, 9, 11), 3)
