@@ -211,7 +211,8 @@ class CountJob:
     the measured ratios. Never raises: a failure becomes an entry with "error"."""
 
     def __init__(self, cases: Sequence, modes: Sequence[str], timeout: float = COUNT_TIMEOUT_S):
-        self.modes, self.timeout, self.requests, self.owners, self.laws, self.procs = list(modes), timeout, [], [], [], []
+        self.modes, self.timeout = list(modes), timeout
+        self.requests, self.owners, self.laws, self.procs = [], [], [], []
         by_suite: dict[str, list[int]] = {}
         for case in cases:
             parsed = split_label(case.shape)
@@ -232,7 +233,8 @@ class CountJob:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         for suite_name, idx in by_suite.items():
-            cmd = [sys.executable, "-c", "import sys; from engine.bench.counting import main; sys.exit(main(sys.argv[1:]))",
+            child = "import sys; from engine.bench.counting import main; sys.exit(main(sys.argv[1:]))"
+            cmd = [sys.executable, "-c", child,
                    "--suite", suite_name, "--modes",
                    ",".join(self.modes), "--requests", json.dumps([self.requests[i] for i in idx])]
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -243,18 +245,23 @@ class CountJob:
         head = (case.op, case.shape, str(case.dtype).removeprefix("torch."))
         return [head + (name, mode) for name in counted_providers(case) for mode in self.modes]
 
-    def result(self) -> dict:
+    def result(self, timeout: float | None = None) -> dict:
+        """Wait (at most `timeout` s in all, default the job's) and collect; rows not counted by then
+        say so."""
+        import time
+
         result: dict = {}
+        end = time.monotonic() + (self.timeout if timeout is None else timeout)
         for proc, idx in self.procs:
             failure = None
             try:
-                out, err = proc.communicate(timeout=self.timeout)
+                out, err = proc.communicate(timeout=max(0.1, end - time.monotonic()))
                 if proc.returncode:
                     failure = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
-                failure = f"counting timed out after {self.timeout:.0f} s"
+                failure = "counting ran out of time"
             for line in out.splitlines():
                 try:
                     rec = json.loads(line)

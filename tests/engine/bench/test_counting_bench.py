@@ -42,7 +42,8 @@ def test_scaled_counts_match_the_direct_count_at_the_row_shape(monkeypatch):
             entry = got[(case.op, case.shape, "float32", "kfe", mode)]
             assert "error" not in entry, entry
             assert entry["flops"] == direct[mode]["flops"]
-            assert entry["moved_bytes"] == pytest.approx(direct[mode]["moved_bytes"], rel=1e-9 if case is grn_case else 2e-2)
+            rel = 1e-9 if case is grn_case else 2e-2  # contrastive: its O(B D) bytes scale as B^2 too
+            assert entry["moved_bytes"] == pytest.approx(direct[mode]["moved_bytes"], rel=rel)
             assert entry["launches"] == direct[mode]["launches"]
     clip = got[("contrastive-clip", "128x32", "float32", "kfe", "fwd+bwd")]
     assert clip["flops"] == 8 * 128 ** 2 * 32 and clip["flops_vs_ideal"] == pytest.approx(8 / 6)
@@ -63,3 +64,15 @@ def test_kfe_bench_prints_and_writes_the_counted_work(tmp_path, capsys):
     rc = main(["bench", "grn", "--sizes", "1x4x4x8", "--modes", "fwd", "--warmup", "0", "--repeats", "1",
                "--providers", "kfe", "--no-count"])
     assert rc == 0 and "counted work" not in capsys.readouterr().out
+
+
+def test_attach_turns_a_gpu_time_into_percent_of_the_measured_ceilings():
+    key = ("contrastive-clip", "4096x512", "bfloat16", "kfe", "fwd+bwd")
+    counts = {key: {"flops": 8e12, "moved_bytes": 2e9, "launches": 2}}
+    gpu = {"op": key[0], "shape": key[1], "dtype": key[2], "provider": "kfe", "mode": "fwd+bwd",
+           "device_type": "cuda", "ms": {"p50": 20.0}}
+    cpu = {**gpu, "device_type": "cpu"}
+    counting.attach([gpu, cpu], counts, bandwidth=4e12, matmul_rate=800e12)
+    assert gpu["counted"]["pct_matmul_executed"] == pytest.approx(50.0)  # 8e12 / 0.02 s = 400 TFLOP/s
+    assert gpu["counted"]["pct_bandwidth_moved"] == pytest.approx(2.5)  # 2e9 / 0.02 s = 100 GB/s
+    assert "pct_matmul_executed" not in cpu["counted"]  # no ceiling on the CPU rows
