@@ -300,7 +300,7 @@ def _row_entry(rec: dict, case, count_shape, law) -> dict:
     masked = None if b_scale is None else rec["masked_bytes"] * b_scale
     entry.update(flops=flops, moved_bytes=moved, masked_bytes=masked, launches=rec["launches"], dots=rec["dots"],
                  counted_flops=rec["flops"], counted_moved_bytes=rec["moved_bytes"])
-    if flops is not None and case.flops.get(mode):
+    if flops and case.flops.get(mode):  # no dots (GRN, depthwise conv, HOG): their FLOPs are not matrix work
         entry["flops_vs_ideal"] = flops / case.flops[mode]
     if moved is not None and case.bytes.get(mode):
         entry["bytes_vs_ideal"] = moved / case.bytes[mode]
