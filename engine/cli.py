@@ -99,7 +99,7 @@ def _parse_dtypes(text: str | None) -> list[torch.dtype] | None:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from engine.bench import MODES, SUITES, Reporter, run
+    from engine.bench import MODES, SUITES, counting
 
     if args.list or not args.suites:
         print("suites: " + ", ".join(sorted(SUITES)))
@@ -114,14 +114,28 @@ def bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device on this machine")
+    counting.configure(enabled=not getattr(args, "no_count", False))
+    try:
+        return _bench(args, device, modes)
+    finally:
+        counting.configure(enabled=False, suite="")
+
+
+def _bench(args: argparse.Namespace, device: torch.device, modes: list[str]) -> int:
+    from engine.bench import SUITES, Reporter, counting, run
+
     cases, status = [], 0
     for name in args.suites:
         suite = importlib.import_module(SUITES[name])
+        counting.configure(suite=SUITES[name])
         try:
             if hasattr(suite, "run"):  # suites that are not op timings (e.g. texts/s) run themselves
                 status |= suite.run(args, device)
                 continue
-            cases += suite.cases(device, _parse_sizes(args.sizes), _parse_dtypes(args.dtype))
+            new = suite.cases(device, _parse_sizes(args.sizes), _parse_dtypes(args.dtype))
+            for case in new:
+                case.suite = SUITES[name]
+            cases += new
         except ValueError as err:  # a bad --sizes / --dtype for this suite: its message says what it expects
             raise SystemExit(f"kfe bench {name}: error: {err}") from None
     if not cases:
@@ -156,4 +170,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, help="timed calls (default per suite: op suites 10 on CPU and 50 on GPU, hog 5 and 50, "
                                                   "contrastive 3 and 10)")
     p.add_argument("--json", metavar="PATH", help="also write the records as JSON")
+    p.add_argument("--no-count", action="store_true",
+                   help="skip counting the KFE kernels' executed FLOPs / bytes / launches (counted under the Triton "
+                        "interpreter in a child process; see engine/bench/counting.py)")
     p.set_defaults(func=bench)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.bench import machine
+from engine.bench import counting, machine
 from engine.bench.timing import input_bytes, l2_bytes, peak_memory_mb, rotation_sets, time_fn
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -30,6 +30,7 @@ class Case:
     flops: dict[str, float] = field(default_factory=dict)  # mode -> useful FLOPs
     grad_inputs: Sequence[int] = (0,)           # inputs differentiated in bwd modes
     baseline: str = "reference"                 # provider the speedups are relative to
+    suite: str = ""                             # suite module (set by kfe bench): counting rebuilds the case
 
 
 def _step(fn: Callable, inputs: tuple, mode: str, grad_inputs: Sequence[int]) -> Callable[[], object]:
@@ -123,8 +124,16 @@ def run(cases: Sequence[Case], modes: Sequence[str], warmup: int, repeats: int,
         on_group: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time every (case, mode, provider); `providers` filters by name (the baseline always runs).
     `on_group` gets each finished (case, mode) group at once (see report.Reporter), so a run that is
-    cut short (a timeout on a borrowed GPU, Ctrl-C) keeps what it measured."""
-    records = []
+    cut short (a timeout on a borrowed GPU, Ctrl-C) keeps what it measured.
+    When `kfe bench` turned counting on (engine.bench.counting.configure), the KFE providers' Triton
+    work is counted too (in a child process: alongside the timing on a GPU, after it on the CPU so it
+    does not disturb the times), attached to the records as rec["counted"] and printed as a table."""
+    records, job = [], None
+    if counting.enabled():
+        for case in cases:
+            case.suite = case.suite or counting.current_suite()
+        if any(case.device.type == "cuda" for case in cases):
+            job = counting.CountJob(cases, modes)
     for case in cases:
         meta = {**machine.info(case.device),
                 "measured_bandwidth_gbs": machine.measured_bandwidth(str(case.device)) / 1e9}
@@ -142,4 +151,15 @@ def run(cases: Sequence[Case], modes: Sequence[str], warmup: int, repeats: int,
             if on_group:
                 on_group(group)
             records += group
+    if counting.enabled() and records:
+        if progress:
+            progress("counting the KFE kernels' work under the Triton interpreter")
+        counts = (job or counting.CountJob(cases, modes)).result()
+        device = str(cases[0].device)
+        cuda = cases[0].device.type == "cuda"
+        counting.attach(records, counts, machine.measured_bandwidth(device) if cuda else None,
+                        machine.measured_matmul_rate(device) if cuda else None)
+        table = counting.markdown(records)
+        if table:
+            print("\n" + table, flush=True)
     return records

@@ -127,6 +127,7 @@ def run_suite(suite: str, device: torch.device, dry: bool, limit: float, phase_e
     except Exception as err:  # noqa: BLE001 - a suite that cannot even build its cases is reported
         status.suite(suite, state="error", notes=[f"plan failed: {err!r}"[:300]])
         return []
+    job = _start_counting(suite, first, device, dry)
     passes = [("kfe", True, rows(first, is_auto_kfe)),
               ("peers", True, rows(first, lambda p: not is_kfe(p) and p != COMPILED)),
               ("kfe-backends", False, rows(first, lambda p: is_kfe(p) and not is_auto_kfe(p))),
@@ -140,6 +141,7 @@ def run_suite(suite: str, device: torch.device, dry: bool, limit: float, phase_e
         for case, mode, name in todo:
             if time.monotonic() >= end:
                 status.suite(suite, state="cut", notes=entry["notes"] + [f"limit {limit:.0f} s reached in pass {label}"])
+                _attach_counts(job, out, path, device, 5.0)
                 return first
             print(f"  [{suite} {time.monotonic() - T0:.1f}s] {label}: {case.op} {case.shape} {mode} {name}",
                   file=sys.stderr, flush=True)
@@ -149,8 +151,32 @@ def run_suite(suite: str, device: torch.device, dry: bool, limit: float, phase_e
             write_json(out, path)
             key = "priority_timed" if priority else "other_timed"
             status.suite(suite, **{key: entry[key] + 1, "errors": entry["errors"] + ("error" in rec)})
+    _attach_counts(job, out, path, device, max(5.0, end - time.monotonic()))
     status.suite(suite, state="done")
     return first
+
+
+def _start_counting(suite: str, first: list[core.Case], device: torch.device, dry: bool):
+    """On a GPU, count the priority cases' Triton work (engine/bench/counting.py: a CPU child process
+    under the interpreter, alongside the timing), so the records get % of the measured ceilings."""
+    from engine.bench import SUITES, counting
+
+    if dry or device.type != "cuda" or suite not in SUITES:
+        return None
+    for case in first:
+        case.suite = SUITES[suite]
+    modes = [m for m in MODES if any(m in modes_of(c) for c in first)]
+    return counting.CountJob(first, modes)
+
+
+def _attach_counts(job, out: list[dict], path: str, device: torch.device, timeout: float) -> None:
+    from engine.bench import counting
+
+    if job is None:
+        return
+    counting.attach(out, job.result(timeout), core.machine.measured_bandwidth(str(device)),
+                    core.machine.measured_matmul_rate(str(device)))
+    write_json(out, path)
 
 
 def run_compiled(suite: str, first: list[core.Case], phase_end: float, status: Status, workdir: str,

@@ -86,4 +86,5 @@ class Reporter:
         if not self.records:
             print("(no records)", file=self.out)
         elif self.json_path:
+            write_json(self.records, self.json_path)  # again: counting attaches to the records after the timing
             print(f"\nwrote {len(self.records)} records to {self.json_path}", file=self.out)

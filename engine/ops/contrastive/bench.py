@@ -40,6 +40,22 @@ KINDS = ("clip", "siglip")
 MATERIALISED = ("reference", "compiled-reference", "open_clip")
 
 
+def count_size(size: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape `kfe bench` counts the kernels at (engine/bench/counting.py): B capped at 512 (a multiple of
+    the GPU tiles, so the counted/ideal ratio of 8 B^2 D executed vs 6 B^2 D useful carries over), D kept."""
+    B, D = size
+    return min(B, 512), D
+
+
+def count_scale(size: tuple[int, ...], small: tuple[int, ...]) -> dict:
+    """Scaling law from the count shape to the row: the score tiles (B^2 of them, each loading its A and
+    K tiles and, in the backward, reading and writing its dI / dT partials) carry both the matrix FLOPs
+    and nearly all the bytes, so both scale as (B / B_count)^2 (the O(B D) row statistics are scaled the
+    same way: an overstatement below 1 / BLOCK_N of the bytes)."""
+    f = (size[0] / small[0]) ** 2
+    return {"flops": f, "bytes": f}
+
+
 def materialised(image, text, logit_scale, logit_bias=None, kind="clip"):
     """open_clip's ClipLoss / SigLipLoss (world size 1), in the input dtype like open_clip."""
     B = image.shape[0]

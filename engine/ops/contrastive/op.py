@@ -166,7 +166,8 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit
             default group when torch.distributed is initialised with world size > 1; False: this
             process's batch only; anything else raises TypeError. Each rank's loss is the mean of its own rows' terms (the global loss
             is the mean over ranks), so DDP's gradient averaging yields exactly the gradients of the
-            single-process loss on the concatenated batch (see dist.py).
+            single-process loss on the concatenated batch (see dist.py). Ranks may pass different
+            local batch sizes (exact; the sizes are exchanged once per local shape, see dist.py).
 
     Precision: under autocast the dots run in the autocast dtype (float32 embeddings are cast, as
     torch.matmul does); float32 outside autocast runs TF32 dots when

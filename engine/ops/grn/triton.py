@@ -16,6 +16,18 @@ y (3 R C elements), backward reads x and dy twice and writes dx (5 R C elements)
 gamma/beta (O(N * SPLIT * C) per program) are the rest. gamma/beta are cast to fp32 in the kernels.
 All arithmetic is fp32. When N * C-blocks is too small to fill the GPU, the H*W reduction is split and
 the apply kernel adds the partial sums, which keeps the result deterministic (no atomics).
+
+Tiles per C (_blocks, GPU; the interpreter takes few large programs instead): BLOCK_C is the widest
+power of two <= 128 that pads C by at most C/8, BLOCK_R = 4096 / BLOCK_C rows (32..512, capped at
+HW rounded up and halved while the row tail pads more than HW/4; e.g. at C = 160: HW = 196 -> 32,
+784 -> 128, 3136 -> 128), the same for fp32 and 16-bit inputs (registers hold fp32 either way):
+  C        40    80    96    160   320   384   640   768   1280  2560 (ConvNeXt V2 atto..huge: 4 x dim)
+  BLOCK_C  8     16    32    32    64    128   128   128   128   128
+  BLOCK_R  512   256   128   128   64    32    32    32    32    32   (before the HW cap)
+so no ConvNeXt V2 width runs padded lanes (a fixed 128 padded 40 to 128: 69% of the lanes masked).
+Counted with these tiles for C = 40, 80, 160, 320 in tests/engine/ops/test_grn_v2.py. Each apply
+program also reloads its sample's O(SPLIT * C) partials (L1/L2-resident): at small H*W and narrow
+tiles (e.g. 12 x 12 x 160 bf16, 32 x 32 tiles) that is ~1.4x the ideal bytes; from H*W = 256 on, <= 1.1x.
 """
 from __future__ import annotations
 
@@ -141,12 +153,33 @@ def _grn_apply_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+TILE_ELEMENTS = 4096  # per program tile on a GPU (32 x 128 fp32 in registers); 16-bit inputs alike (math is fp32)
+MAX_BLOCK_C = 128
+
+
+def _block_c(C: int) -> int:
+    """Channel tile: the widest power of two <= 128 whose padding (cdiv(C, B) * B - C lanes) is at most C/8,
+    so ConvNeXt V2's channel counts run on unpadded tiles: C = 40 -> 8, 80 -> 16, 96 -> 32, 160 -> 32,
+    320 -> 64, 640 / 768 / 1280 / 2560 -> 128 (a fixed 128 wasted 37-60% of the lanes at 40, 80, 160)."""
+    block = min(triton.next_power_of_2(C), MAX_BLOCK_C)
+    while block > 8 and triton.cdiv(C, block) * block - C > C / 8:
+        block //= 2
+    return block
+
+
 def _blocks(N: int, HW: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, split, rows_per_split). The interpreter wants few, large programs."""
+    """(BLOCK_R, BLOCK_C, split, rows_per_split). The interpreter wants few, large programs. On a GPU:
+    BLOCK_C by _block_c, BLOCK_R = TILE_ELEMENTS / BLOCK_C rows (32..512, at most HW rounded up to a
+    power of two, halved while the last row block pads more than HW/4 rows: each program also reloads
+    its sample's O(C) statistics, so rows are not cut below 32), and the H*W reduction
+    split until there are ~4 programs per SM."""
     target = gpu(device)
     if target is None:
         return min(triton.next_power_of_2(HW), 256), min(triton.next_power_of_2(C), 512), 1, HW
-    block_r, block_c = 32, min(triton.next_power_of_2(C), 128)
+    block_c = _block_c(C)
+    block_r = max(32, min(TILE_ELEMENTS // block_c, 512, triton.next_power_of_2(HW)))
+    while block_r > 32 and triton.cdiv(HW, block_r) * block_r - HW > HW / 4:  # a shorter row tail
+        block_r //= 2
     programs = N * triton.cdiv(C, block_c)
     split = max(1, min(triton.cdiv(4 * target.sm_count, programs), triton.cdiv(HW, 4 * block_r)))
     rows = triton.cdiv(triton.cdiv(HW, split), block_r) * block_r

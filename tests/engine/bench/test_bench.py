@@ -37,7 +37,7 @@ def test_run_records_every_mode_and_provider():
 
 def test_cli_runs_every_provider_and_writes_json(tmp_path, capsys):
     path = tmp_path / "grn.json"
-    rc = main(["bench", "grn", "--sizes", "1x3x3x8", "--modes", "fwd", "--warmup", "1", "--repeats", "1",
+    rc = main(["bench", "grn", "--sizes", "1x3x3x8", "--modes", "fwd", "--warmup", "1", "--repeats", "1", "--no-count",
                "--json", str(path)])
     assert rc == 0, capsys.readouterr().out
     records = json.loads(path.read_text())
