@@ -37,6 +37,8 @@ class Paper:
     # Builds the data the arms need (once, in FOLDER; smoke: small) and returns {placeholder: path}
     # substituted into the arms' overrides, e.g. {"{pool}": ".../{00000..00003}.tar"}.
     prepare: Callable[[str, bool], dict[str, str]] | None = None
+    # Optional extra analysis of the runs (e.g. steps to reach the baseline): -> (JSON dict, markdown lines)
+    analyze: Callable[[list[dict]], tuple[dict, list[str]]] | None = None
 
 
 PAPERS: dict[str, Paper] = {}
@@ -58,9 +60,6 @@ register(Paper(
     metric="top1", steps=200, eval_every=50, seeds=(0, 1),
     probe=("--shapes.label", "shape")))
 
-# CiT (Xu et al., arXiv 2301.02241): curating the pool in the loop against the evaluation's class names
-# reaches raw-pool CLIP's accuracy in a fraction of the steps. `shapes` captions all name a colour, so the
-# pool is not yet off-topic (an off-topic pool extension is still to do, issue 20 item 2).
 def _metaclip_data(folder: str, smoke: bool) -> dict[str, str]:
     from train.papers import pools
 
@@ -83,13 +82,6 @@ register(Paper(
     prepare=_metaclip_data,
     notes="pool: 3000 pairs, Zipf colour counts (head ~65%, tail ~1%), 30% noise captions; curation t = 60"))
 
-register(Paper(
-    name="cit", title="CiT vs raw-pool CLIP",
-    claim="CiT reaches CLIP's final zero-shot top-1 in fewer steps",
-    arms=(Arm("clip", "clip"), Arm("cit", "cit")),
-    metric="top1", steps=200, eval_every=25, seeds=(0, 1),
-    notes="pool is plain shapes captions (no off-topic items yet)"))
-
 # A Fistful of Words (Tschannen et al., arXiv 2301.02280 / the bow recipe option): bag-of-words captions
 # with word balancing train as well as full captions (zero-shot at least equal).
 register(Paper(
@@ -110,3 +102,5 @@ register(Paper(
     arms=(Arm("standard", "mae", ("--model_kwargs", _MAE.replace("PATCH", "8"))),
           Arm("longseq", "mae", ("--model_kwargs", _MAE.replace("PATCH", "4"), "--mask_unit", "8"))),
     metric="linear_top1", steps=300, eval_every=100, seeds=(0, 1)))
+
+from train.papers import clip_family  # noqa: E402,F401  (SLIP, MetaCLIP, CiT, Fistful)
