@@ -39,7 +39,7 @@ def test_zero_shot_hand_checkable():
     images = torch.tensor([[2.0, 0.1, 5.0], [1.0, 0.2, 0.0], [0.3, 1.0, 0.0], [1.0, 0.9, -3.0]])
     batch = {"image": images, "label": torch.tensor([0, 0, 1, 1])}  # predictions 0, 0, 1, 0
     out = zero_shot_top1(lambda x: x, weights, [batch], lambda b: b, DistInfo())
-    assert out == {"top1": 0.75, "chance": 0.5, "n": 4}
+    assert out == {"top1": 0.75, "chance": 0.5, "n": 4, "class_top1": [1.0, 0.5]}
     with pytest.raises(ValueError, match="'{}'"):
         prompts(["cat"], ["a photo"])
 
