@@ -60,28 +60,6 @@ register(Paper(
     metric="top1", steps=200, eval_every=50, seeds=(0, 1),
     probe=("--shapes.label", "shape")))
 
-def _metaclip_data(folder: str, smoke: bool) -> dict[str, str]:
-    from train.papers import pools
-
-    n, shards = (160, 2) if smoke else (3000, 4)
-    paths = pools.longtail_pool(f"{folder}/pool", n=n, shards=shards)
-    curated = pools.curated_pool(f"{folder}/curated", paths, t=5 if smoke else 60)
-    return {"{pool}": f"{folder}/pool/{{00000..{shards - 1:05d}}}.tar", "{curated}": curated}
-
-
-# MetaCLIP (Xu et al., arXiv 2309.16671, Sec. 3.3-3.4 and Table 4): balancing the pool's concept counts
-# (cap t per metadata entry) and dropping pairs that match no entry beats training on the raw pool, the
-# tail concepts especially. Pool: train/papers/pools.py (long-tail colours + noise captions); metadata:
-# the 8 colour names; both arms CLIP with the byte tokenizer (no vocabulary to build from a stream).
-register(Paper(
-    name="metaclip", title="MetaCLIP: curated subset vs raw long-tail pool (CLIP, equal steps)",
-    claim="curated > raw zero-shot over all colours (balanced held-out set)",
-    arms=(Arm("raw", "clip", ("--data", "{pool}")), Arm("curated", "clip", ("--data", "{curated}"))),
-    metric="top1", steps=300, eval_every=50, seeds=(0, 1),
-    common=("--val_data", "shapes", "--tokenizer", "byte", "--context_length", "64"),
-    prepare=_metaclip_data,
-    notes="pool: 3000 pairs, Zipf colour counts (head ~65%, tail ~1%), 30% noise captions; curation t = 60"))
-
 # A Fistful of Words (Tschannen et al., arXiv 2301.02280 / the bow recipe option): bag-of-words captions
 # with word balancing train as well as full captions (zero-shot at least equal).
 register(Paper(

@@ -2,7 +2,7 @@
 
 `longtail_pool` (MetaCLIP): `shapes` draws every colour uniformly and captions every image, so curation
 has nothing to fix there. MetaCLIP's finding is about raw web pools: a few head concepts dominate, a long
-tail is rare, and many captions name no concept at all. This pool draws the main object's colour from a
+tail is rare, and many captions name no concept at all. This pool draws every object's colour from a
 Zipf law (p_k ~ 1 / (k + 1)^2 over the 8 colours: the head colour is ~65% of the pool, the tail colour
 ~1%) and replaces a fraction of the captions with noise that names no colour ("img 4711", "my holiday").
 Zero-shot is then scored on the balanced `shapes` held-out split, where the tail counts as much as the head.
@@ -50,17 +50,25 @@ def _write_pool(folder: str, n: int, shards: int, seed: int, resolution: int, dr
     return paths
 
 
+def longtail_order(seed: int = 0) -> list[int]:
+    """The pool's colours (indices into shapes.COLOR_NAMES), most frequent first: not always red."""
+    from train.data import shapes
+
+    return [int(c) for c in np.random.default_rng(seed).permutation(len(shapes.COLORS))]
+
+
 def longtail_pool(folder: str, n: int = 4000, shards: int = 4, resolution: int = 32, noise: float = 0.3,
                   seed: int = 0) -> list[str]:
     """The MetaCLIP pool (module doc): Zipf colour counts, a `noise` fraction of captions naming nothing."""
     from train.data import shapes
 
     p = 1.0 / (np.arange(len(shapes.COLORS)) + 1.0) ** 2
-    order = np.random.default_rng(seed).permutation(len(shapes.COLORS))  # which colours are the head
+    order = longtail_order(seed)
 
     def draw(rng, res):
         scene = shapes.sample_scene(rng)
-        scene["objects"][0]["color"] = int(order[rng.choice(len(p), p=p / p.sum())])
+        for obj in scene["objects"]:  # both objects: the head colour dominates every mention, as on the web
+            obj["color"] = int(order[rng.choice(len(p), p=p / p.sum())])
         image = shapes.render(scene, res, rng)
         text = (NOISE[int(rng.integers(len(NOISE)))].format(int(rng.integers(10_000)))
                 if rng.random() < noise else shapes.caption(scene))
