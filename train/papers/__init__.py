@@ -19,6 +19,9 @@ class Arm:
     name: str
     recipe: str
     overrides: tuple[str, ...] = ()  # `kfe train` --key value overrides on top of the recipe's shapes preset
+    # Built before this arm trains, from earlier arms' runs (e.g. pseudo-captions by a teacher arm of the same
+    # seed): prepare(PAPER_RUNS_DIR, seed, smoke) -> {placeholder: path} substituted into the overrides
+    prepare: Callable[[str, int, bool], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,14 +62,6 @@ register(Paper(
     arms=(Arm("clip", "clip"), Arm("slip", "slip")),
     metric="top1", steps=200, eval_every=50, seeds=(0, 1),
     probe=("--shapes.label", "shape")))
-
-# A Fistful of Words (Tschannen et al., arXiv 2301.02280 / the bow recipe option): bag-of-words captions
-# with word balancing train as well as full captions (zero-shot at least equal).
-register(Paper(
-    name="fistful", title="A Fistful of Words: balanced BoW vs full captions",
-    claim="BoW + balancing zero-shot >= full captions",
-    arms=(Arm("full", "clip"), Arm("bow", "clip", ("--captions", "bow", "--bow_t", "0.05"))),
-    metric="top1", steps=200, eval_every=50, seeds=(0, 1)))
 
 _MAE = ('{"patch_size": PATCH, "embed_dim": 96, "depth": 4, "num_heads": 3, "decoder_embed_dim": 64, '
         '"decoder_depth": 2, "decoder_num_heads": 2}')  # the mae shapes preset's model with a chosen patch

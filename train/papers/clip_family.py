@@ -132,3 +132,61 @@ register(Paper(
     common=POOL_TEXT, prepare=_metaclip_data, analyze=head_and_tail,
     notes="pool: 24000 pairs, Zipf colour counts for every object (head ~65%, tail ~1%), 30% noise captions; "
           "curation t = 700 (MetaCLIP's balancing against the 8 colour names)"))
+
+
+# ---------------------------------------------------------------- A Fistful of Words
+
+FISTFUL_N, FISTFUL_EXTRA = 1000, 4000  # captioned shapes images; extra caption-less ones (smoke: 64 + 64)
+
+
+def pseudo_captions(paper_runs: str, seed: int, smoke: bool) -> dict[str, str]:
+    """Captions file for the bow_pseudo arm: the first N shapes training images keep their own captions,
+    the next M (caption-less: never seen with text) get pseudo-BoW captions, the top-5 vocabulary words
+    of the `bow` arm's run at the same seed (train/pseudo_bow.py)."""
+    import os
+
+    from train.data import shapes as shapes_data
+    from train.pseudo_bow import assign
+
+    n, extra = (64, 64) if smoke else (FISTFUL_N, FISTFUL_EXTRA)
+    path = os.path.join(paper_runs, "bow_pseudo", f"seed{seed}.captions.jsonl")
+    if not os.path.isfile(path):
+        teacher = os.path.join(paper_runs, "bow", f"seed{seed}")
+        records = assign(teacher, "shapes", k=5, overrides=["--shapes.size", str(n + extra)])
+        own = shapes_data.Shapes("train", size=n + extra, resolution=32, label="color")
+        lines = [json.dumps({"index": r["index"], "caption": own.caption(r["index"]) if r["index"] < n
+                             else r["caption"], "pseudo": r["index"] >= n}) for r in records]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(path + ".tmp", path)
+    return {"{pseudo}": path}
+
+
+def pseudo_gain(runs: list[dict]) -> tuple[dict, list[str]]:
+    from train.papers.report import _stats
+
+    a, b = ([r["final"] for r in runs if r["arm"] == arm] for arm in ("bow_pseudo", "bow"))
+    (ma, sa), (mb, sb) = _stats(a), _stats(b)
+    delta = ma - mb
+    return ({"bow_pseudo - bow": {"delta": delta, "spread": max(sa, sb)}},
+            ["", f"Pseudo-BoW captions on {FISTFUL_EXTRA} extra caption-less images: bow_pseudo - bow = "
+                 f"{100 * delta:+.1f} points (seed spread {100 * max(sa, sb):.1f})."])
+
+
+# A Fistful of Words (Tejankar et al., arXiv 2112.13884, Tables 1-3 / Sec. 3.3): bag-of-words captions with
+# word balancing train as well as full captions, and pseudo-BoW captions (a trained model's top-k words)
+# on extra caption-less images add accuracy. N = 1000 captioned images (so more data can matter);
+# bow_t = 0.2 subsamples the frequent size / position words while keeping the colour words (~19% of
+# captions each) almost always.
+_BOW = ("--captions", "bow", "--bow_t", "0.2")
+register(Paper(
+    name="fistful", title="A Fistful of Words: balanced BoW vs full captions; + pseudo-BoW on extra images",
+    claim="BoW + balancing zero-shot >= full captions; pseudo-BoW captions on extra images add accuracy",
+    arms=(Arm("full", "clip", ("--shapes.size", str(FISTFUL_N))),
+          Arm("bow", "clip", ("--shapes.size", str(FISTFUL_N), *_BOW)),
+          Arm("bow_pseudo", "clip", ("--shapes.size", str(FISTFUL_N + FISTFUL_EXTRA), *_BOW,
+                                     "--captions_file", "{pseudo}"), prepare=pseudo_captions)),
+    metric="top1", steps=200, eval_every=25, seeds=(0, 1), analyze=pseudo_gain,
+    notes=f"{FISTFUL_N} captioned shapes images; bow_pseudo adds {FISTFUL_EXTRA} caption-less ones captioned "
+          "by the bow run of the same seed (top-5 words); equal steps, zero-shot on the main object's colour"))
