@@ -178,6 +178,16 @@ def test_pseudo_bow_captions_then_training_on_them(clip_run, tmp_path, capsys):
     assert set(tok_mod.load(os.path.join(cfg2.out, "tokenizer.json")).vocab) <= vocab
 
 
+def test_pseudo_bow_captions_shapes_beyond_the_runs_own_images(clip_run):
+    # The run trained on 16 shapes images; overrides reach its config, so images 16.. (never seen with
+    # a caption: A Fistful of Words' extra caption-less data) get pseudo-captions too, and they are the
+    # same images as a 16-image split's (shapes draws image i from (seed, split, i) alone).
+    cfg, _ = clip_run
+    records = assign(cfg.out, "shapes", k=2, overrides=["--shapes.size", "40"])
+    assert [r["index"] for r in records] == list(range(40))
+    assert [r["caption"] for r in records[:16]] == [r["caption"] for r in assign(cfg.out, "shapes", k=2)]
+
+
 def test_bench_recipe_clip_uses_the_recipes_own_model(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert kfe_main(["bench", "recipe", "clip", "--sizes", "32x8", "--warmup", "1", "--repeats", "2",
