@@ -63,10 +63,14 @@ def _cit_data(folder: str, smoke: bool) -> dict[str, str]:
 # schedule; it only has to reach CLIP's step-400 accuracy). Selection: the top 25% of each pool batch by
 # similarity to the colour names (threshold 1.0 = the min_ratio fallback always): with this tiny text tower
 # every caption scored above the official 0.55 threshold (the first run kept 100% of the pool, no curation).
+# Metadata in the captions' phrasing ("a small red circle", the zero-shot templates): with the bare colour
+# names the untrained text tower ranked the short noise captions ("img 4711") most similar to the one-word
+# entries, CiT trained on them and its loss stayed at ln(128) (60 steps, 13% zero-shot).
 register(Paper(
     name="cit", title="CiT vs raw-pool CLIP on a mostly off-topic pool",
     claim="CiT reaches raw-pool CLIP's final zero-shot top-1 in a fraction of the steps (paper: >10x fewer)",
-    arms=(Arm("clip", "clip"), Arm("cit", "cit", ("--steps", "200", "--threshold", "1.0", "--min_ratio", "0.25"))),
+    arms=(Arm("clip", "clip"), Arm("cit", "cit", ("--steps", "100", "--threshold", "1.0", "--min_ratio", "0.25",
+                                                   "--metadata_templates", TEMPLATES))),
     metric="top1", steps=400, eval_every=20, seeds=(0, 1),
     common=("--data", "{pool}", *POOL_TEXT), prepare=_cit_data,
     analyze=lambda runs: steps_to_reach(runs, "clip", "cit"),
