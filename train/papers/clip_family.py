@@ -110,7 +110,7 @@ def head_and_tail(runs: list[dict], split: int = 4) -> tuple[dict, list[str]]:
     for arm in dict.fromkeys(r["arm"] for r in runs):
         per = []
         for r in (r for r in runs if r["arm"] == arm):
-            acc = _class_top1(r["run_dir"])
+            acc = r.get("class_top1_at_step") or _class_top1(r["run_dir"])  # (a curve cut at an earlier step)
             if acc:
                 per.append({g: sum(v) / len(v) for g, cs in groups.items()
                             if (v := [acc[c] for c in cs if acc[c] is not None])})
