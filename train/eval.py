@@ -32,20 +32,23 @@ def _label_hist(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def top1(classify: Callable[[dict], torch.Tensor], batches: Iterable[dict], prepare: Callable[[dict], dict],
          info: DistInfo, num_classes: int) -> dict:
-    """{"top1", "chance", "n"} of `classify(batch) -> logits` over all ranks' shares of the held-out data."""
-    correct, hist = torch.zeros((), dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
+    """{"top1", "chance", "n", "class_top1"} of `classify(batch) -> logits` over all ranks' shares of the
+    held-out data (class_top1: each class's accuracy)."""
+    hits, hist = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
     for batch in batches:
         batch = prepare(batch)
         pred = classify(batch).float().argmax(-1)
-        correct += (pred == batch["label"]).sum().double().cpu()
+        hits += _label_hist(batch["label"][pred == batch["label"]], num_classes)
         hist += _label_hist(batch["label"], num_classes)
-    sums = torch.cat([correct.view(1), hist]).to(info.device)
+    sums = torch.cat([hits, hist]).to(info.device)
     dist_mod.all_reduce_sum(sums, info)
-    sums = sums.cpu()
-    n = float(sums[1:].sum())
+    hits, hist = sums.cpu().split(num_classes)
+    n = float(hist.sum())
     if n == 0:
         raise ValueError("the held-out split yielded no labelled samples")
-    return {"top1": float(sums[0]) / n, "chance": float(sums[1:].max()) / n, "n": int(n)}
+    # per-class accuracy (None for a class absent from the held-out data): long-tail evaluations (MetaCLIP)
+    class_top1 = [float(h / c) if c > 0 else None for h, c in zip(hits, hist)]
+    return {"top1": float(hits.sum()) / n, "chance": float(hist.max()) / n, "n": int(n), "class_top1": class_top1}
 
 
 @torch.no_grad()

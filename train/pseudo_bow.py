@@ -37,13 +37,18 @@ def vocabulary(tokenizer, vocab_file: str | None = None) -> list[str]:
 
 @torch.no_grad()
 def assign(run: str, images: str, k: int = 5, out: str | None = None, vocab_file: str | None = None,
-           template: str = "{}", batch: int = 256, limit: int | None = None) -> list[dict]:
-    """Pseudo-BoW captions of `images` from the newest checkpoint of `run` (or a checkpoint file)."""
+           template: str = "{}", batch: int = 256, limit: int | None = None,
+           overrides: list[str] | None = None) -> list[dict]:
+    """Pseudo-BoW captions of `images` from the newest checkpoint of `run` (or a checkpoint file);
+    `overrides` (--key value) change the run's config, e.g. ["--shapes.size", "5000"] to caption shapes
+    images beyond those the run trained on (the run's own tokenizer.json is read: `--resume auto`, since
+    a word vocabulary rebuilt from the changed data could differ)."""
     from train.run import load_for_eval
 
     if "{}" not in template:
         raise ValueError(f"template must contain '{{}}', got {template!r}")
-    recipe, cfg, data, task, module, prepare, info, step = load_for_eval(run, ["--num_workers", "0"])
+    recipe, cfg, data, task, module, prepare, info, step = load_for_eval(
+        run, ["--num_workers", "0", *(["--resume", "auto", *overrides] if overrides else [])])
     if not hasattr(module, "encode_text"):
         raise ValueError(f"{run} is a {recipe.name} run: pseudo-BoW needs an image-text model (clip, slip, cit)")
     words = vocabulary(data.tokenizer, vocab_file)

@@ -39,7 +39,7 @@ def test_zero_shot_hand_checkable():
     images = torch.tensor([[2.0, 0.1, 5.0], [1.0, 0.2, 0.0], [0.3, 1.0, 0.0], [1.0, 0.9, -3.0]])
     batch = {"image": images, "label": torch.tensor([0, 0, 1, 1])}  # predictions 0, 0, 1, 0
     out = zero_shot_top1(lambda x: x, weights, [batch], lambda b: b, DistInfo())
-    assert out == {"top1": 0.75, "chance": 0.5, "n": 4}
+    assert out == {"top1": 0.75, "chance": 0.5, "n": 4, "class_top1": [1.0, 0.5]}
     with pytest.raises(ValueError, match="'{}'"):
         prompts(["cat"], ["a photo"])
 
@@ -176,6 +176,16 @@ def test_pseudo_bow_captions_then_training_on_them(clip_run, tmp_path, capsys):
                         "--val_data", "shapes", "--tokenizer", "word")
     assert len(metrics(cfg2.out)) == 2 and summary["eval"]["classes"] == 8
     assert set(tok_mod.load(os.path.join(cfg2.out, "tokenizer.json")).vocab) <= vocab
+
+
+def test_pseudo_bow_captions_shapes_beyond_the_runs_own_images(clip_run):
+    # The run trained on 16 shapes images; overrides reach its config, so images 16.. (never seen with
+    # a caption: A Fistful of Words' extra caption-less data) get pseudo-captions too, and they are the
+    # same images as a 16-image split's (shapes draws image i from (seed, split, i) alone).
+    cfg, _ = clip_run
+    records = assign(cfg.out, "shapes", k=2, overrides=["--shapes.size", "40"])
+    assert [r["index"] for r in records] == list(range(40))
+    assert [r["caption"] for r in records[:16]] == [r["caption"] for r in assign(cfg.out, "shapes", k=2)]
 
 
 def test_bench_recipe_clip_uses_the_recipes_own_model(tmp_path, capsys):

@@ -31,7 +31,7 @@ def test_probes_separate_blobs_and_fail_on_noise(probe):
 def test_top1_and_chance():
     batches = [{"x": torch.eye(3)[[0, 1, 2, 2]], "label": torch.tensor([0, 1, 2, 0])}]
     out = top1(lambda b: b["x"], batches, lambda b: b, DistInfo(), num_classes=3)
-    assert out == {"top1": 0.75, "chance": 0.5, "n": 4}
+    assert out == {"top1": 0.75, "chance": 0.5, "n": 4, "class_top1": [0.5, 1.0, 1.0]}
     assert chance(torch.tensor([1, 1, 1, 0]), 2) == 0.75
     with pytest.raises(ValueError, match="no labelled samples"):
         top1(lambda b: b["x"], [], lambda b: b, DistInfo(), num_classes=3)
@@ -180,4 +180,4 @@ def test_features_and_top1_over_several_batches():
     assert torch.equal(labels, torch.tensor([0, 0, -1, 1, 1, -1, 2, 2, -1]))
     out = top1(lambda b: torch.nn.functional.one_hot(b["label"].clamp_min(0), 3).float(), batches, lambda b: b,
                DistInfo(), num_classes=3)
-    assert out == {"top1": 1.0, "chance": 1 / 3, "n": 6}      # unlabelled (-1) samples count nowhere
+    assert out == {"top1": 1.0, "chance": 1 / 3, "n": 6, "class_top1": [1.0, 1.0, 1.0]}      # unlabelled (-1) samples count nowhere

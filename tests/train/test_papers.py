@@ -62,3 +62,58 @@ def test_bad_input_is_one_clear_error(tmp_path):
         cli.main(["bench", "papers", "nope", "--smoke", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--seeds"):
         cli.main(["bench", "papers", "slip", "--smoke", "--seeds", "a,b", "--out", str(tmp_path)])
+
+
+def test_offtopic_pool_names_the_evaluation_classes_in_a_fifth_of_its_captions(tmp_path):
+    # CiT's pool (train/papers/pools.py): on-topic = a caption naming a colour (the zero-shot classes).
+    from train.data.shapes import COLOR_NAMES
+    from train.data.webdataset import _caption, iter_tar
+    from train.papers import pools
+
+    paths = pools.offtopic_pool(str(tmp_path / "pool"), n=240, shards=2, resolution=16)
+    texts = [_caption(parts) for p in paths for _, _, parts in iter_tar(p)]
+    assert len(texts) == 240 and pools.offtopic_pool(str(tmp_path / "pool"), n=240, shards=2) == paths  # reused
+    on = [t for t in texts if set(t.split()) & set(COLOR_NAMES)]
+    assert 0.12 < len(on) / 240 < 0.28
+    colourless = [t for t in texts if t not in on and t.startswith("a ")]
+    assert 0.3 < len(colourless) / 240 < 0.5
+    assert pools.colourless("a large striped red triangle above a small blue circle") == \
+        "a large striped triangle above a small circle"
+
+
+def test_longtail_pool_head_dominates_and_order_names_it(tmp_path):
+    from train.data.shapes import COLOR_NAMES
+    from train.data.webdataset import _caption, iter_tar
+    from train.papers import pools
+
+    paths = pools.longtail_pool(str(tmp_path / "pool"), n=240, shards=1, resolution=16)
+    words = [w for p in paths for _, _, parts in iter_tar(p) for w in _caption(parts).split()]
+    counts = [words.count(COLOR_NAMES[c]) for c in pools.longtail_order()]
+    assert counts[0] > 0.5 * sum(counts) and counts[0] > 3 * counts[1] and counts[-1] < 0.05 * sum(counts)
+
+
+def test_steps_to_reach_and_head_tail_analysis(tmp_path):
+    from train.papers.clip_family import head_and_tail, steps_to_reach
+    from train.papers.pools import longtail_order
+
+    runs = [{"arm": "clip", "seed": 0, "steps": 400, "final": 0.8, "curve": [(200, 0.5), (400, 0.8)]},
+            {"arm": "cit", "seed": 0, "steps": 400, "final": 0.9, "curve": [(20, 0.3), (40, 0.79), (60, 0.8)]},
+            {"arm": "clip", "seed": 1, "steps": 400, "final": 0.9, "curve": [(400, 0.9)]},
+            {"arm": "cit", "seed": 1, "steps": 400, "final": 0.85, "curve": [(400, 0.85)]}]
+    data, lines = steps_to_reach(runs, "clip", "cit")
+    assert [(x["steps"], x["ratio"]) for x in data["steps_to_reach"]] == [(60, 400 / 60), (None, None)]
+    assert data["ratios"] == [400 / 60] and any("6.7x" in line for line in lines)
+    assert any("not reached" in line for line in lines)
+
+    order = longtail_order()
+    acc = [0.0] * 8
+    for c in order[:4]:
+        acc[c] = 1.0  # head colours all right, tail all wrong
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 4, "top1": 0.5,
+                                                       "class_top1": acc}) + "\n")
+    data, lines = head_and_tail([{"arm": "raw", "seed": 0, "run_dir": str(run_dir)}])
+    assert data["head_tail"]["raw"]["head"]["mean"] == 1.0 and data["head_tail"]["raw"]["tail"]["mean"] == 0.0
+    s = report.summarize(PAPERS["cit"], runs)
+    assert s["analysis"]["ratios"] == [400 / 60] and "Steps cit needs" in report.markdown(s, "cmd")

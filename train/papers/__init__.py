@@ -19,6 +19,9 @@ class Arm:
     name: str
     recipe: str
     overrides: tuple[str, ...] = ()  # `kfe train` --key value overrides on top of the recipe's shapes preset
+    # Built before this arm trains, from earlier arms' runs (e.g. pseudo-captions by a teacher arm of the same
+    # seed): prepare(PAPER_RUNS_DIR, seed, smoke) -> {placeholder: path} substituted into the overrides
+    prepare: Callable[[str, int, bool], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Paper:
     # Builds the data the arms need (once, in FOLDER; smoke: small) and returns {placeholder: path}
     # substituted into the arms' overrides, e.g. {"{pool}": ".../{00000..00003}.tar"}.
     prepare: Callable[[str, bool], dict[str, str]] | None = None
+    # Optional extra analysis of the runs (e.g. steps to reach the baseline): -> (JSON dict, markdown lines)
+    analyze: Callable[[list[dict]], tuple[dict, list[str]]] | None = None
 
 
 PAPERS: dict[str, Paper] = {}
@@ -58,46 +63,6 @@ register(Paper(
     metric="top1", steps=200, eval_every=50, seeds=(0, 1),
     probe=("--shapes.label", "shape")))
 
-# CiT (Xu et al., arXiv 2301.02241): curating the pool in the loop against the evaluation's class names
-# reaches raw-pool CLIP's accuracy in a fraction of the steps. `shapes` captions all name a colour, so the
-# pool is not yet off-topic (an off-topic pool extension is still to do, issue 20 item 2).
-def _metaclip_data(folder: str, smoke: bool) -> dict[str, str]:
-    from train.papers import pools
-
-    n, shards = (160, 2) if smoke else (3000, 4)
-    paths = pools.longtail_pool(f"{folder}/pool", n=n, shards=shards)
-    curated = pools.curated_pool(f"{folder}/curated", paths, t=5 if smoke else 60)
-    return {"{pool}": f"{folder}/pool/{{00000..{shards - 1:05d}}}.tar", "{curated}": curated}
-
-
-# MetaCLIP (Xu et al., arXiv 2309.16671, Sec. 3.3-3.4 and Table 4): balancing the pool's concept counts
-# (cap t per metadata entry) and dropping pairs that match no entry beats training on the raw pool, the
-# tail concepts especially. Pool: train/papers/pools.py (long-tail colours + noise captions); metadata:
-# the 8 colour names; both arms CLIP with the byte tokenizer (no vocabulary to build from a stream).
-register(Paper(
-    name="metaclip", title="MetaCLIP: curated subset vs raw long-tail pool (CLIP, equal steps)",
-    claim="curated > raw zero-shot over all colours (balanced held-out set)",
-    arms=(Arm("raw", "clip", ("--data", "{pool}")), Arm("curated", "clip", ("--data", "{curated}"))),
-    metric="top1", steps=300, eval_every=50, seeds=(0, 1),
-    common=("--val_data", "shapes", "--tokenizer", "byte", "--context_length", "64"),
-    prepare=_metaclip_data,
-    notes="pool: 3000 pairs, Zipf colour counts (head ~65%, tail ~1%), 30% noise captions; curation t = 60"))
-
-register(Paper(
-    name="cit", title="CiT vs raw-pool CLIP",
-    claim="CiT reaches CLIP's final zero-shot top-1 in fewer steps",
-    arms=(Arm("clip", "clip"), Arm("cit", "cit")),
-    metric="top1", steps=200, eval_every=25, seeds=(0, 1),
-    notes="pool is plain shapes captions (no off-topic items yet)"))
-
-# A Fistful of Words (Tschannen et al., arXiv 2301.02280 / the bow recipe option): bag-of-words captions
-# with word balancing train as well as full captions (zero-shot at least equal).
-register(Paper(
-    name="fistful", title="A Fistful of Words: balanced BoW vs full captions",
-    claim="BoW + balancing zero-shot >= full captions",
-    arms=(Arm("full", "clip"), Arm("bow", "clip", ("--captions", "bow", "--bow_t", "0.05"))),
-    metric="top1", steps=200, eval_every=50, seeds=(0, 1)))
-
 _MAE = ('{"patch_size": PATCH, "embed_dim": 96, "depth": 4, "num_heads": 3, "decoder_embed_dim": 64, '
         '"decoder_depth": 2, "decoder_num_heads": 2}')  # the mae shapes preset's model with a chosen patch
 
@@ -110,3 +75,5 @@ register(Paper(
     arms=(Arm("standard", "mae", ("--model_kwargs", _MAE.replace("PATCH", "8"))),
           Arm("longseq", "mae", ("--model_kwargs", _MAE.replace("PATCH", "4"), "--mask_unit", "8"))),
     metric="linear_top1", steps=300, eval_every=100, seeds=(0, 1)))
+
+from train.papers import clip_family  # noqa: E402,F401  (SLIP, MetaCLIP, CiT, Fistful)

@@ -40,8 +40,11 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
         effects[f"{arm.name} - {base}"] = eff
     chance = {"metric": next((r["chance"] for r in runs if r.get("chance") is not None), None),
               "probe": next((r["probe"].get("chance") for r in runs if "probe" in r), None)}
-    return {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
-            "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
+    out = {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
+           "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
+    if paper.analyze is not None:
+        out["analysis"], out["analysis_md"] = paper.analyze(runs)
+    return out
 
 
 def _pct(x: float) -> str:
@@ -82,6 +85,7 @@ def markdown(summary: dict, command: str) -> str:
     if chance.get("metric") is not None:
         lines += ["", f"Chance (majority class of the held-out set): {summary['metric']} {_pct(chance['metric'])}%"
                   + (f", probe {_pct(chance['probe'])}%" if chance.get("probe") is not None else "") + "."]
+    lines += summary.get("analysis_md", [])
     lines += ["", f"![{summary['paper']}]({summary['paper']}.png)", ""]
     return "\n".join(lines)
 

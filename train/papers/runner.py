@@ -59,7 +59,10 @@ def run_arm(paper: Paper, arm: Arm, seed: int, runs: str, smoke: bool = False, q
 
     run_dir = os.path.join(runs, paper.name, arm.name, f"seed{seed}")
     overrides = arm_overrides(paper, arm, seed, run_dir, smoke)
-    for key, value in (paths or {}).items():
+    paths = dict(paths or {})
+    if arm.prepare is not None:
+        paths.update(arm.prepare(os.path.join(runs, paper.name), seed, smoke))
+    for key, value in paths.items():
         overrides = [o.replace(key, value) for o in overrides]
     cfg, preset = resolve_config(arm.recipe, preset="shapes", overrides=overrides)
     records = _records(run_dir)
