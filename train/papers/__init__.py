@@ -15,10 +15,22 @@ from typing import Callable
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A pre-training run an arm starts from: trained once per seed in RUNS/PAPER/pretrain-NAME/seedS (shared by
+    every arm naming it, read back when finished, resumed when interrupted); its run dir is the arm's --init."""
+    name: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    steps: int = 0  # 0: the recipe's shapes preset's
+
+
+@dataclass(frozen=True)
 class Arm:
     name: str
     recipe: str
     overrides: tuple[str, ...] = ()  # `kfe train` --key value overrides on top of the recipe's shapes preset
+    pretrain: Stage | None = None  # pre-train first, then this arm runs with --init <the stage's run dir>
+    baseline: str = ""  # the arm this one is compared with ('' = the paper's arms[0])
 
 
 @dataclass(frozen=True)
@@ -110,3 +122,4 @@ register(Paper(
     arms=(Arm("standard", "mae", ("--model_kwargs", _MAE.replace("PATCH", "8"))),
           Arm("longseq", "mae", ("--model_kwargs", _MAE.replace("PATCH", "4"), "--mask_unit", "8"))),
     metric="linear_top1", steps=300, eval_every=100, seeds=(0, 1)))
+from train.papers import finetune_papers  # noqa: E402,F401  (MAE, ConvNeXt V2, MaskFeat: pre-train -> fine-tune)

@@ -28,9 +28,9 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
         if paper.probe is not None:
             entry["probe_mean"], entry["probe_std"] = _stats([r["probe"]["top1"] for r in mine])
         arms[arm.name] = entry
-    base = paper.arms[0].name
     effects = {}
     for arm in paper.arms[1:]:
+        base = arm.baseline or paper.arms[0].name
         a, b = arms[arm.name], arms[base]
         eff = {"metric_delta": a["final_mean"] - b["final_mean"],
                "metric_spread": max(a["final_std"], b["final_std"])}
@@ -40,8 +40,20 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
         effects[f"{arm.name} - {base}"] = eff
     chance = {"metric": next((r["chance"] for r in runs if r.get("chance") is not None), None),
               "probe": next((r["probe"].get("chance") for r in runs if "probe" in r), None)}
-    return {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
-            "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
+    pretrain = {}  # per pre-training stage: its recipe, steps and final training loss over seeds
+    for arm in paper.arms:
+        mine = [r["pretrain"] for r in runs if r["arm"] == arm.name and "pretrain" in r]
+        if mine and arm.pretrain.name not in pretrain:
+            mean, std = _stats([p["final_loss"] for p in mine])
+            pretrain[arm.pretrain.name] = {"recipe": arm.pretrain.recipe, "steps": mine[0]["steps"],
+                                           "final_loss_mean": mean, "final_loss_std": std, "arms": []}
+        if mine:
+            pretrain[arm.pretrain.name]["arms"].append(arm.name)
+    out = {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
+           "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
+    if pretrain:
+        out["pretrain"] = pretrain
+    return out
 
 
 def _pct(x: float) -> str:
@@ -62,6 +74,10 @@ def markdown(summary: dict, command: str) -> str:
              f"Command: `{command}`", ""]
     if summary["notes"]:
         lines += [f"Notes: {summary['notes']}.", ""]
+    for name, p in summary.get("pretrain", {}).items():
+        lines += [f"Pre-training `{name}`: `kfe train {p['recipe']}`, {p['steps']} steps per seed, final training "
+                  f"loss {p['final_loss_mean']:.4f} ± {p['final_loss_std']:.4f}; {', '.join(p['arms'])} start from "
+                  f"its weights (`--init`).", ""]
     head = f"| arm | steps | seeds | {summary['metric']} % (mean ± std) |" + (" linear probe % |" if probe else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, a in summary["arms"].items():
