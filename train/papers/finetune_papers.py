@@ -5,7 +5,7 @@ equal fine-tune steps. Metric: the fine-tune's held-out top-1.
 
 Label: `color` (8 classes). At these CPU budgets `shape` is not learnable from scratch (the shapes preset's
 ViT stays at 13-21% after 200 steps; benchmarks/results/finetune-shapes.md), so no effect of pre-training
-could be read from it; colour is learnt within tens of steps, so the fine-tunes are short (30 and 100
+could be read from it; colour is learnt within tens of steps, so the fine-tunes are short (30 and 60
 steps) and the question is how much faster pre-trained weights get there.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ _VIT = dict(patch_size=8, embed_dim=96, depth=4, num_heads=3)
 _MAE_MODEL = ("--model_kwargs", _kw(**_VIT, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2))
 _MAE_FT = ("--model_kwargs", _kw(**_VIT), "--resolution", "32")
 MAE_STAGE = Stage("mae", "mae", (*_MAE_MODEL, "--resolution", "32", "--num_workers", "0", "--probe_samples", "1000",
-                                  "--eval_samples", "500"), steps=300)
+                                  "--eval_samples", "500"), steps=200)
 
 
 def _ft_arms(stage: Stage, ft: tuple[str, ...], budgets: tuple[int, ...], prefix: str = "",
@@ -44,18 +44,19 @@ def _ft_arms(stage: Stage, ft: tuple[str, ...], budgets: tuple[int, ...], prefix
     return tuple(arms)
 
 
-_LINPROBE = (*_MAE_FT, "--batch_size", "64", "--steps", "100", "--eval_every", "20", "--warmup_steps", "10")
+_LINPROBE = (*_MAE_FT, "--batch_size", "64", "--steps", "50", "--eval_every", "10", "--warmup_steps", "5")
 register(Paper(
     name="mae", title="MAE: pre-train then fine-tune vs fine-tune from scratch (equal fine-tune steps)",
     claim="MAE-initialised fine-tuning > random-init fine-tuning; MAE features > random features under a "
           "linear probe",
-    arms=(*_ft_arms(MAE_STAGE, _MAE_FT, (30, 100)),
+    arms=(*_ft_arms(MAE_STAGE, _MAE_FT, (30,)),
           Arm("scratch-linprobe", "linprobe", _LINPROBE),
-          Arm("mae-linprobe", "linprobe", _LINPROBE, pretrain=MAE_STAGE, baseline="scratch-linprobe")),
-    metric="top1", steps=100, eval_every=20, common=LABEL,
-    notes="label colour (8 classes, 500 held-out images); MAE: 300 steps, batch 64, mask 0.75, 16 tokens; "
-          "fine-tunes of 30 and 100 steps (batch 64, layer decay 0.75); linear probe: frozen encoder, "
-          "BatchNorm + linear head, LARS, 100 steps"))
+          Arm("mae-linprobe", "linprobe", _LINPROBE, pretrain=MAE_STAGE, baseline="scratch-linprobe"),
+          *_ft_arms(MAE_STAGE, _MAE_FT, (60,))),
+    metric="top1", steps=60, eval_every=12, common=LABEL,
+    notes="label colour (8 classes, 500 held-out images); MAE: 200 steps, batch 64, mask 0.75, 16 tokens; "
+          "fine-tunes of 30 and 60 steps (batch 64, layer decay 0.75); linear probe: frozen encoder, "
+          "BatchNorm + linear head, LARS, 50 steps"))
 
 
 # ---------------------------------------------------------------- ConvNeXt V2 (Woo et al., arXiv 2301.00808)
