@@ -79,13 +79,14 @@ def test_effects_use_each_arms_baseline_and_pretraining_is_summarised():
     stage = Stage("pre", "mae")
     paper = Paper("p", "t", "c", (Arm("a", "finetune"), Arm("b", "finetune", pretrain=stage, baseline="c"),
                                   Arm("c", "finetune")), "top1", 10, 5)
-    pre = {"stage": "pre", "recipe": "mae", "run_dir": "x", "steps": 7, "final_loss": 0.5}
+    pre = {"stage": "pre", "recipe": "mae", "run_dir": "x", "steps": 7, "final_loss": 0.5, "eval": {"knn_top1": 0.25}}
     runs = [{"arm": n, "seed": 0, "steps": 10, "final": v, "curve": [], **({"pretrain": pre} if n == "b" else {})}
             for n, v in (("a", 0.5), ("b", 0.9), ("c", 0.6))]
     s = report.summarize(paper, runs)
     assert set(s["effects"]) == {"b - c", "c - a"} and s["effects"]["b - c"]["metric_delta"] == pytest.approx(0.3)
     assert s["pretrain"]["pre"]["steps"] == 7 and s["pretrain"]["pre"]["arms"] == ["b"]
     assert "Pre-training `pre`: `kfe train mae`, 7 steps" in report.markdown(s, "cmd")
+    assert "its k-NN probe 25.0 ± 0.0%; b start from" in report.markdown(s, "cmd")
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

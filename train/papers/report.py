@@ -47,6 +47,10 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
             mean, std = _stats([p["final_loss"] for p in mine])
             pretrain[arm.pretrain.name] = {"recipe": arm.pretrain.recipe, "steps": mine[0]["steps"],
                                            "final_loss_mean": mean, "final_loss_std": std, "arms": []}
+            for key in ("knn_top1", "linear_top1"):  # the pre-training recipe's own probes, if it ran them
+                values = [p.get("eval", {}).get(key) for p in mine]
+                if all(v is not None for v in values):
+                    pretrain[arm.pretrain.name][key] = _stats(values)
         if mine:
             pretrain[arm.pretrain.name]["arms"].append(arm.name)
     out = {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
@@ -76,8 +80,10 @@ def markdown(summary: dict, command: str) -> str:
         lines += [f"Notes: {summary['notes']}.", ""]
     for name, p in summary.get("pretrain", {}).items():
         lines += [f"Pre-training `{name}`: `kfe train {p['recipe']}`, {p['steps']} steps per seed, final training "
-                  f"loss {p['final_loss_mean']:.4f} ± {p['final_loss_std']:.4f}; {', '.join(p['arms'])} start from "
-                  f"its weights (`--init`).", ""]
+                  f"loss {p['final_loss_mean']:.4f} ± {p['final_loss_std']:.4f}"
+                  + "".join(f", its {what} probe {_pct(p[key][0])} ± {_pct(p[key][1])}%"
+                            for what, key in (("k-NN", "knn_top1"), ("linear", "linear_top1")) if key in p)
+                  + f"; {', '.join(p['arms'])} start from its weights (`--init`).", ""]
     head = f"| arm | steps | seeds | {summary['metric']} % (mean ± std) |" + (" linear probe % |" if probe else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, a in summary["arms"].items():
