@@ -16,15 +16,16 @@ from models.registry import register_model
 
 
 class Block(nn.Module):
-    """ConvNeXt V2 block: x + drop_path(pwconv2(GRN(GELU(pwconv1(LN(dwconv(x))))))), x in (N, C, H, W)."""
+    """ConvNeXt V2 block: x + drop_path(pwconv2(GRN(GELU(pwconv1(LN(dwconv(x))))))), x in (N, C, H, W).
+    grn=False removes GRN (the paper's ablation, Sec. 3.2 / Table 2a: FCMAE without GRN): no grn.* keys."""
 
-    def __init__(self, dim: int, drop_path: float = 0.0):
+    def __init__(self, dim: int, drop_path: float = 0.0, grn: bool = True):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        self.grn = GRN(4 * dim) if grn else nn.Identity()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = DropPath(drop_path)
 
@@ -47,8 +48,9 @@ VARIANTS = {  # Table 8 of the paper
 }
 
 
-def convnextv2(size: str, **overrides) -> ConvNeXt:
-    return ConvNeXt(Block, **{**VARIANTS[size], **overrides})
+def convnextv2(size: str, grn: bool = True, **overrides) -> ConvNeXt:
+    """grn=False: every block without GRN (the ablation's encoder; load an FCMAE run pre-trained with grn=False)."""
+    return ConvNeXt(lambda dim, dp: Block(dim, dp, grn), **{**VARIANTS[size], **overrides})
 
 
 @register_model

@@ -89,7 +89,7 @@ class SparseConvNeXtV2(nn.Module):
     """ConvNeXt V2 encoder on visible sites; parameter names are the dense ConvNeXt V2's."""
 
     def __init__(self, in_chans: int = 3, depths: Sequence[int] = (3, 3, 9, 3),
-                 dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.0):
+                 dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.0, grn: bool = True):
         super().__init__()
         self.depths, self.dims = tuple(depths), tuple(dims)
         if len(self.depths) != 4 or len(self.dims) != 4:
@@ -100,7 +100,7 @@ class SparseConvNeXtV2(nn.Module):
         n = sum(depths)
         rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # as models.convnext
         self.stages = nn.ModuleList(
-            nn.Sequential(*(SparseConvNeXtV2Block(dims[i], rates[sum(depths[:i]) + j]) for j in range(depths[i])))
+            nn.Sequential(*(SparseConvNeXtV2Block(dims[i], rates[sum(depths[:i]) + j], grn) for j in range(depths[i])))
             for i in range(4))
 
     def stem(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,8 @@ class SparseConvNeXtV2(nn.Module):
             h = blk.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         else:
             h = sparse_dwconv2d(x, blk.dwconv.weight, blk.dwconv.bias, m)
-        h = blk.pwconv2(blk.grn(blk.act(blk.pwconv1(blk.norm(h))), m))
+        h = blk.act(blk.pwconv1(blk.norm(h)))
+        h = blk.pwconv2(h if blk.grn is None else blk.grn(h, m))
         out = x + drop_path(h, blk.drop_path.p, blk.training)
         return out if m is None else torch.where(m[..., None], out, 0)
 
@@ -161,7 +162,7 @@ class FCMAE(nn.Module):
     def __init__(self, in_chans: int = 3, depths: Sequence[int] = (3, 3, 9, 3),
                  dims: Sequence[int] = (96, 192, 384, 768), decoder_depth: int = 1, decoder_embed_dim: int = 512,
                  patch_size: int = 32, mask_ratio: float = 0.6, norm_pix_loss: bool = True,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, grn: bool = True):
         super().__init__()
         if patch_size != STRIDE:
             raise ValueError(f"patch_size must be the encoder's total stride {STRIDE} (one stage-4 site per "
@@ -170,7 +171,7 @@ class FCMAE(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.patch_size, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
         self.in_chans = in_chans
-        self.encoder = SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+        self.encoder = SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate, grn)  # grn=False: the no-GRN ablation
         self.proj = nn.Conv2d(dims[-1], decoder_embed_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_embed_dim, 1, 1))
         self.decoder = nn.Sequential(*(Block(decoder_embed_dim, 0.0) for _ in range(decoder_depth)))

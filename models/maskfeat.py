@@ -82,7 +82,7 @@ class MaskFeatViT(VisionTransformer):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.0, pos_embed: str = "learned", num_frames: int = 1, t_patch: int = 2,
                  mask_ratio: float = 0.4, video_mask: str = "cube", nbins: int = 9, cell: int = 8,
-                 gaussian_window: int = 0, k_bias: bool = True):
+                 gaussian_window: int = 0, k_bias: bool = True, target: str = "hog"):
         super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
                          drop_path_rate, pos_embed, k_bias)
         if img_size % patch_size:
@@ -91,9 +91,13 @@ class MaskFeatViT(VisionTransformer):
             raise ValueError(f"patch_size ({patch_size}) must be a multiple of the HOG cell ({cell})")
         if video_mask not in ("cube", "tube"):
             raise ValueError(f"video_mask must be 'cube' or 'tube', got {video_mask!r}")
-        self.num_frames, self.mask_ratio, self.video_mask = num_frames, mask_ratio, video_mask
+        if target not in ("hog", "pixel"):
+            raise ValueError(f"target must be 'hog' or 'pixel', got {target!r}")
+        self.num_frames, self.mask_ratio, self.video_mask, self.target = num_frames, mask_ratio, video_mask, target
         self.hog_args = dict(patch=patch_size, nbins=nbins, cell=cell, gaussian_window=gaussian_window)
-        self.target_dim = in_chans * nbins * (patch_size // cell) ** 2  # 108 for RGB
+        # HOG: 108 for RGB 16 px patches; pixel (the paper's Table 1 "pixel colors" row): the patch's
+        # (normalised) input values, p * p * 3
+        self.target_dim = in_chans * (nbins * (patch_size // cell) ** 2 if target == "hog" else patch_size ** 2)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pred_head = MaskFeatHead(embed_dim, self.target_dim)
         if num_frames > 1:
@@ -174,8 +178,17 @@ class MaskFeatViT(VisionTransformer):
 
     @torch.no_grad()
     def forward_target(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """HOG targets of the masked tokens only, packed (num_masked, target_dim) in row-major order."""
-        return engine.ops.hog_targets(self.target_frames(x).detach(), mask=mask, **self.hog_args)
+        """Targets of the masked tokens only, packed (num_masked, target_dim) in row-major order: their HOG,
+        or with target="pixel" their input pixels (channels, rows, columns of the patch, flattened)."""
+        frames = self.target_frames(x).detach()
+        if self.target == "hog":
+            return engine.ops.hog_targets(frames, mask=mask, **self.hog_args)
+        p = self.patch_embed.patch_size
+        if frames.dim() == 4:  # images (B, C, H, W) -> one "frame"
+            frames = frames.unsqueeze(2)
+        B, C, T, H, W = frames.shape
+        patches = frames.reshape(B, C, T, H // p, p, W // p, p).permute(0, 2, 3, 5, 1, 4, 6)  # frames outer
+        return patches.reshape(B, T * (H // p) * (W // p), C * p * p)[mask].float()
 
     def forward_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE over the masked tokens: pred (B, L, K) gathered by mask -> (num_masked, K) in the targets' order."""

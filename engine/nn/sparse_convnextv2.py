@@ -68,13 +68,13 @@ class SparseDropPath(nn.Module):
 class SparseConvNeXtV2Block(nn.Module):
     """ConvNeXt V2 block on the visible rows of a stage: SparseTensor (V, dim) -> SparseTensor."""
 
-    def __init__(self, dim: int, drop_path: float = 0.0):
+    def __init__(self, dim: int, drop_path: float = 0.0, grn: bool = True):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)  # weight (dim, 1, 7, 7)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        self.grn = GRN(4 * dim) if grn else None  # None: the ConvNeXt V2 paper's no-GRN ablation
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = SparseDropPath(drop_path)
 
@@ -89,7 +89,7 @@ class SparseConvNeXtV2Block(nn.Module):
         sparse_op.check_rows(x.feats, stage.neighbours, self.dwconv.weight, self.dwconv.bias, values=False)
         h = sparse_op._rows(x.feats, stage.neighbours, self.dwconv.weight, self.dwconv.bias)  # (V, dim)
         h = self.act(self.pwconv1(self.norm(h)))                                              # (V, 4 dim)
-        h = self.pwconv2(grn_rows(h, stage, self.grn))                                        # (V, dim)
+        h = self.pwconv2(h if self.grn is None else grn_rows(h, stage, self.grn))             # (V, dim)
         return x.replace(x.feats + self.drop_path(h, stage))
 
 

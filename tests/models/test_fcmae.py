@@ -371,3 +371,33 @@ def test_gpu_sparse_encoder_matches_dense_masked_and_trains_in_bf16(monkeypatch)
     ref = torch.cat([p.grad.flatten() for p in spec.parameters()])
     err = (got - ref).norm() / ref.norm()
     assert ref.norm() > 0 and err < 5e-2, f"gradient off by {err:.3g} of its norm"
+
+
+def test_grn_off_removes_grn_from_the_encoder_blocks_and_loads_into_convnextv2_without_grn():
+    """grn=False (the paper's Sec. 3.2 / Table 2 ablation): no grn.* key in the encoder; the sparse encoder,
+    its dense-masked twin and the dense ConvNeXt V2 built with grn=False all compute the block without GRN,
+    which is the GRN model's function with GRN at its zero init (GRN(x) = x), and not with a trained GRN."""
+    with_grn, no_grn = _tiny(torch.float64), _tiny(torch.float64, grn=False)
+    enc_keys = [k for k in no_grn.encoder.state_dict()]
+    assert not [k for k in enc_keys if ".grn." in k] and any(".grn." in k for k in with_grn.encoder.state_dict())
+    no_grn.load_state_dict({k: v for k, v in with_grn.state_dict().items() if not k.startswith("encoder.")
+                            or ".grn." not in k})  # strict: every other key matches
+    imgs = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    mask, stages = no_grn.make_mask_and_stages(imgs)
+    out = no_grn.encoder(imgs, stages)
+    testing.assert_close(no_grn.encoder.forward_dense(imgs, stages[0].mask), out, torch.float64, "dense-masked")
+    assert not torch.allclose(with_grn.encoder(imgs, stages), out)           # a trained GRN changes it
+    with torch.no_grad():
+        for k, p in with_grn.encoder.named_parameters():
+            if ".grn." in k:
+                p.zero_()
+    testing.assert_close(with_grn.encoder(imgs, stages), out, torch.float64, "GRN at zero = no GRN")
+    dense = models.create_model("convnextv2_atto", grn=False, depths=(1, 2, 1, 1), dims=(6, 10, 12, 14),
+                                num_classes=0).to(torch.float64)
+    missing, unexpected = dense.load_state_dict(no_grn.encoder.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= HEAD_KEYS
+    x = imgs
+    for down, stage in zip(dense.downsample_layers, dense.stages):
+        x = stage(down(x))
+    testing.assert_close(x.permute(0, 2, 3, 1), no_grn.encoder.forward_dense(imgs), torch.float64,
+                         "dense ConvNeXt V2 without GRN")

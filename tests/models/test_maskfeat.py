@@ -189,3 +189,27 @@ def test_fixed_sincos_positions_for_video():
     assert (cls_pos == 0).all() and pos.shape == (1, 8, 32)
     torch.testing.assert_close(pos[0, 0] - pos[0, 4], model.pos_embed_temporal[0, 0] - model.pos_embed_temporal[0, 1])
     model.loss(torch.rand(1, 3, 4, 32, 32))[0].backward()
+
+
+def test_pixel_targets_are_the_masked_patches_in_prediction_order():
+    """target="pixel" (the paper's Table 1 "pixel colors" row): patch (b, l)'s input values, channels then
+    rows then columns, packed in the predictions' row-major order; a wrong patch order fails."""
+    model = _tiny(target="pixel")
+    assert model.target_dim == 3 * 16 * 16 and model.pred_head.projections[0].out_features == 768
+    x = torch.randn(2, 3, 64, 64)
+    mask = _mask(model, 2)
+    target = model.forward_target(x, mask)
+    expected = torch.stack([x[b, :, 16 * (l // 4):16 * (l // 4) + 16, 16 * (l % 4):16 * (l % 4) + 16].reshape(-1)
+                            for b, l in mask.nonzero().tolist()])
+    assert torch.equal(target, expected)
+    loss, _ = model.loss(x, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and model.pred_head.projections[0].weight.grad.abs().sum() > 0
+    # video: the first frame of each 2-frame cube, tokens frames outer
+    video = _tiny(target="pixel", num_frames=4, img_size=32)
+    clip = torch.randn(1, 3, 4, 32, 32)
+    every = torch.ones(1, 8, dtype=torch.bool)
+    t = video.forward_target(clip, every)
+    assert torch.equal(t[5], clip[0, :, 2, :16, 16:].reshape(-1)) and torch.equal(t[2], clip[0, :, 0, 16:, :16].reshape(-1))
+    with pytest.raises(ValueError, match="target"):
+        _tiny(target="hog2")

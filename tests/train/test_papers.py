@@ -6,7 +6,7 @@ import os
 import pytest
 
 from train import cli
-from train.papers import PAPERS, Arm, Paper, report
+from train.papers import PAPERS, Arm, Paper, Stage, report
 
 
 @pytest.mark.slow  # 7-36 s on the shared 2-core machine (load-dependent): every paper's arms train 4 steps
@@ -36,6 +36,24 @@ def test_smoke_every_paper_trains_evaluates_and_reports(tmp_path, capsys):
     assert open(log).read() == lines
     assert json.loads(open(os.path.join(out, "slip.json")).read())["arms"] == json.loads(before)["arms"]
 
+    # Pre-train -> fine-tune arms: each stage trained once per seed, its run dir the arms' --init; a rerun
+    # reads the stage and the arms back.
+    for name in ("mae", "convnextv2", "maskfeat"):
+        paper, result = PAPERS[name], json.load(open(os.path.join(out, f"{name}.json")))
+        for arm in paper.arms:
+            run = next(r for r in result["runs"] if r["arm"] == arm.name)
+            init = open(os.path.join(run["run_dir"], "config.toml")).read().split("init = ")[1].split("\n")[0]
+            if arm.pretrain is None:
+                assert init == '""' and "pretrain" not in run
+            else:
+                stage = os.path.join(out, "runs", name, f"pretrain-{arm.pretrain.name}", "seed0")
+                assert init == f'"{stage}"' and run["pretrain"]["run_dir"] == stage and run["pretrain"]["steps"] == 4
+                assert result["pretrain"][arm.pretrain.name]["steps"] == 4
+    stage_log = os.path.join(out, "runs", "mae", "pretrain-mae", "seed0", "metrics.jsonl")
+    lines = open(stage_log).read()
+    assert cli.main(["bench", "papers", "mae", "--smoke", "--out", out]) == 0
+    assert open(stage_log).read() == lines
+
 
 def test_smoke_check_flags_an_arm_that_did_not_train():
     paper = PAPERS["slip"]
@@ -55,6 +73,20 @@ def test_summary_effect_and_spread():
     e = s["effects"]["b - a"]
     assert e["metric_delta"] == pytest.approx(0.2) and e["metric_spread"] == pytest.approx(0.1414, abs=1e-3)
     assert "higher" in report.markdown(s, "cmd")
+
+
+def test_effects_use_each_arms_baseline_and_pretraining_is_summarised():
+    stage = Stage("pre", "mae")
+    paper = Paper("p", "t", "c", (Arm("a", "finetune"), Arm("b", "finetune", pretrain=stage, baseline="c"),
+                                  Arm("c", "finetune")), "top1", 10, 5)
+    pre = {"stage": "pre", "recipe": "mae", "run_dir": "x", "steps": 7, "final_loss": 0.5, "eval": {"knn_top1": 0.25}}
+    runs = [{"arm": n, "seed": 0, "steps": 10, "final": v, "curve": [], **({"pretrain": pre} if n == "b" else {})}
+            for n, v in (("a", 0.5), ("b", 0.9), ("c", 0.6))]
+    s = report.summarize(paper, runs)
+    assert set(s["effects"]) == {"b - c", "c - a"} and s["effects"]["b - c"]["metric_delta"] == pytest.approx(0.3)
+    assert s["pretrain"]["pre"]["steps"] == 7 and s["pretrain"]["pre"]["arms"] == ["b"]
+    assert "Pre-training `pre`: `kfe train mae`, 7 steps" in report.markdown(s, "cmd")
+    assert "its k-NN probe 25.0 ± 0.0%; b start from" in report.markdown(s, "cmd")
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

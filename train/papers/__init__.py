@@ -15,6 +15,16 @@ from typing import Callable
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A pre-training run an arm starts from: trained once per seed in RUNS/PAPER/pretrain-NAME/seedS (shared by
+    every arm naming it, read back when finished, resumed when interrupted); its run dir is the arm's --init."""
+    name: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    steps: int = 0  # 0: the recipe's shapes preset's
+
+
+@dataclass(frozen=True)
 class Arm:
     name: str
     recipe: str
@@ -22,6 +32,8 @@ class Arm:
     # Built before this arm trains, from earlier arms' runs (e.g. pseudo-captions by a teacher arm of the same
     # seed): prepare(PAPER_RUNS_DIR, seed, smoke) -> {placeholder: path} substituted into the overrides
     prepare: Callable[[str, int, bool], dict[str, str]] | None = None
+    pretrain: Stage | None = None  # pre-train first, then this arm runs with --init <the stage's run dir>
+    baseline: str = ""  # the arm this one is compared with ('' = the paper's arms[0])
 
 
 @dataclass(frozen=True)
@@ -77,3 +89,4 @@ register(Paper(
     metric="linear_top1", steps=300, eval_every=100, seeds=(0, 1)))
 
 from train.papers import clip_family  # noqa: E402,F401  (SLIP, MetaCLIP, CiT, Fistful)
+from train.papers import finetune_papers  # noqa: E402,F401  (MAE, ConvNeXt V2, MaskFeat: pre-train -> fine-tune)

@@ -28,9 +28,9 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
         if paper.probe is not None:
             entry["probe_mean"], entry["probe_std"] = _stats([r["probe"]["top1"] for r in mine])
         arms[arm.name] = entry
-    base = paper.arms[0].name
     effects = {}
     for arm in paper.arms[1:]:
+        base = arm.baseline or paper.arms[0].name
         a, b = arms[arm.name], arms[base]
         eff = {"metric_delta": a["final_mean"] - b["final_mean"],
                "metric_spread": max(a["final_std"], b["final_std"])}
@@ -40,8 +40,23 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
         effects[f"{arm.name} - {base}"] = eff
     chance = {"metric": next((r["chance"] for r in runs if r.get("chance") is not None), None),
               "probe": next((r["probe"].get("chance") for r in runs if "probe" in r), None)}
+    pretrain = {}  # per pre-training stage: its recipe, steps and final training loss over seeds
+    for arm in paper.arms:
+        mine = [r["pretrain"] for r in runs if r["arm"] == arm.name and "pretrain" in r]
+        if mine and arm.pretrain.name not in pretrain:
+            mean, std = _stats([p["final_loss"] for p in mine])
+            pretrain[arm.pretrain.name] = {"recipe": arm.pretrain.recipe, "steps": mine[0]["steps"],
+                                           "final_loss_mean": mean, "final_loss_std": std, "arms": []}
+            for key in ("knn_top1", "linear_top1"):  # the pre-training recipe's own probes, if it ran them
+                values = [p.get("eval", {}).get(key) for p in mine]
+                if all(v is not None for v in values):
+                    pretrain[arm.pretrain.name][key] = _stats(values)
+        if mine:
+            pretrain[arm.pretrain.name]["arms"].append(arm.name)
     out = {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
            "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
+    if pretrain:
+        out["pretrain"] = pretrain
     if paper.analyze is not None:
         out["analysis"], out["analysis_md"] = paper.analyze(runs)
     return out
@@ -65,6 +80,12 @@ def markdown(summary: dict, command: str) -> str:
              f"Command: `{command}`", ""]
     if summary["notes"]:
         lines += [f"Notes: {summary['notes']}.", ""]
+    for name, p in summary.get("pretrain", {}).items():
+        lines += [f"Pre-training `{name}`: `kfe train {p['recipe']}`, {p['steps']} steps per seed, final training "
+                  f"loss {p['final_loss_mean']:.4f} ± {p['final_loss_std']:.4f}"
+                  + "".join(f", its {what} probe {_pct(p[key][0])} ± {_pct(p[key][1])}%"
+                            for what, key in (("k-NN", "knn_top1"), ("linear", "linear_top1")) if key in p)
+                  + f"; {', '.join(p['arms'])} start from its weights (`--init`).", ""]
     head = f"| arm | steps | seeds | {summary['metric']} % (mean ± std) |" + (" linear probe % |" if probe else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, a in summary["arms"].items():
