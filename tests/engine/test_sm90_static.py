@@ -50,7 +50,7 @@ def test_assume_gpu_seam():
         assert _target.gpu(cpu) == _target.H200
         fwd = attn.configs(4096, 4096, 64, torch.bfloat16, cpu)["fwd"]
         assert (fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages) == (128, 64, 4, 3)
-        assert sc._blocks(171, 128, cpu)[:2] == (512, 16) and grn._blocks(64, 3136, 512, cpu)[:2] == (32, 128)
+        assert sc._blocks(171, 128, cpu) == (128, 32, 0, 8) and grn._blocks(64, 3136, 512, cpu)[:2] == (32, 128)
         # The split aims at 2 programs per SM: 132 SMs, 64 row blocks x 4 column blocks -> split 2.
         assert con._blocks(4096, 4096, 1024, cpu)["split"] == 2
     assert _target.gpu(cpu) is None

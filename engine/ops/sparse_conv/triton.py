@@ -14,7 +14,9 @@ HALO = p*W + p rows of r (p = k // 2; in the rows layout fewer visible sites lie
 A program owns BLOCK_R consecutive rows and BLOCK_C channels: it loads the x rows
 [r0 - HALO, r0 + BLOCK_R + HALO) once into a WIN-row register tile and takes every tap's shifted
 rows from it with tl.gather; nothing is re-fetched per tap. BLOCK_R is sized against HALO (see
-_blocks) so the halo adds little to x's rows.
+_blocks) so the halo adds little to x's rows. That is the interpreter's (counted) configuration; on a
+GPU (WIN = 0) each tap's rows are read directly and the caches hold the reuse, because a register
+window gathered across threads compiles to per-element selects (see _blocks). Both run in the tests.
 
 Launches and counted budget (tests/engine/ops/test_sparse_conv_v2.py, under the interpreter; bytes
 over unmasked lanes; s = element size, K = k*k, V = rows computed, h = 2*HALO / BLOCK_R):
@@ -57,29 +59,48 @@ def _window(ptr, mask_ptr, base, R_in, C, cols, col_ok, WIN: tl.constexpr, DENSE
 
 
 @triton.jit
-def _tap(rows, row_ok, t, nbr_ptr, s_row, s_tap, base, R_in, H, W,
+def _position(rows, H, W, DENSE: tl.constexpr):
+    """(h, w) of each dense row, int32, computed once per block rather than per tap (zeros for rows)."""
+    if DENSE:
+        hw = rows % (H * W)
+        return (hw // W).to(tl.int32), (hw % W).to(tl.int32)
+    zero = tl.zeros_like(rows).to(tl.int32)
+    return zero, zero
+
+
+@triton.jit
+def _tap(rows, row_ok, t, nbr_ptr, s_row, s_tap, mask_ptr, base, R_in, h, w, H, W,
          KS: tl.constexpr, DENSE: tl.constexpr, WIN: tl.constexpr):
-    """(window index of tap t's source for each row, clamped into the window; whether the tap exists)."""
+    """(tap t's source row for each row; whether it exists). With a window (WIN > 0) the source is
+    its index in the window, clamped into it; without one, its absolute row."""
     if DENSE:
         di = t // KS - KS // 2
         dj = t % KS - KS // 2
-        hw = rows % (H * W)
-        hh = hw // W + di
-        ww = hw % W + dj
+        hh = h + di
+        ww = w + dj
         src = rows + di * W + dj
         ok = row_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
     else:
         src = tl.load(nbr_ptr + rows * s_row + t * s_tap, mask=row_ok, other=-1).to(tl.int64)
         ok = row_ok & (src >= 0) & (src < R_in)
-    idx = src - base
-    ok = ok & (idx >= 0) & (idx < WIN)  # always true for a table within HALO; keeps reads in the tile
-    return tl.where(ok, idx, 0).to(tl.int32), ok
+    if WIN > 0:
+        idx = src - base
+        ok = ok & (idx >= 0) & (idx < WIN)  # always true for a table within HALO; keeps reads in the tile
+        return tl.where(ok, idx, 0).to(tl.int32), ok
+    if DENSE:  # the window zeroes invisible rows; a direct read asks the mask
+        ok = ok & (tl.load(mask_ptr + src, mask=ok, other=0) != 0)
+    return tl.where(ok, src, 0), ok
 
 
 @triton.jit
-def _shifted(win, idx, ok, BLOCK_C: tl.constexpr):
-    """win's rows idx (BLOCK_R, BLOCK_C), 0 where the tap does not exist."""
-    g = tl.gather(win, tl.broadcast_to(idx[:, None], (idx.shape[0], BLOCK_C)), 0)
+def _shifted(win, ptr, C, cols, col_ok, src, ok, BLOCK_C: tl.constexpr, WIN: tl.constexpr):
+    """The rows src of the input (BLOCK_R, BLOCK_C), fp32, 0 where the tap does not exist: taken from
+    the window with tl.gather (WIN > 0), or read directly (WIN == 0; a GPU's L1 holds the reuse)."""
+    if WIN > 0:
+        g = tl.gather(win, tl.broadcast_to(src[:, None], (src.shape[0], BLOCK_C)), 0)
+    else:
+        g = tl.load(ptr + src[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+        g = g.to(tl.float32)
     return tl.where(ok[:, None], g, 0.0)
 
 
@@ -108,11 +129,14 @@ def _dwconv_fwd_kernel(
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if tl.max(visible.to(tl.int32), axis=0) > 0:  # a fully masked block writes zeros only
         base = r0 - HALO
-        xw = _window(x_ptr, mask_ptr, base, R_in, C, cols, col_ok, WIN, DENSE, base, r0 + BLOCK_R + HALO)
+        xw = 0.0
+        if WIN > 0:
+            xw = _window(x_ptr, mask_ptr, base, R_in, C, cols, col_ok, WIN, DENSE, base, r0 + BLOCK_R + HALO)
+        h, w = _position(rows, H, W, DENSE)
         for t in tl.static_range(KS * KS):
-            idx, ok = _tap(rows, visible, t, nbr_ptr, s_row, s_tap, base, R_in, H, W, KS, DENSE, WIN)
+            src, ok = _tap(rows, visible, t, nbr_ptr, s_row, s_tap, mask_ptr, base, R_in, h, w, H, W, KS, DENSE, WIN)
             wv = tl.load(w_ptr + t * C + cols, mask=col_ok, other=0.0)
-            acc += _shifted(xw, idx, ok, BLOCK_C) * wv[None, :]
+            acc += _shifted(xw, x_ptr, C, cols, col_ok, src, ok, BLOCK_C, WIN) * wv[None, :]
     out = tl.where(visible[:, None], acc, 0.0)
     tl.store(y_ptr + rows[:, None] * C + cols[None, :], out.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -144,16 +168,23 @@ def _dwconv_bwd_kernel(
     if tl.max(visible.to(tl.int32), axis=0) > 0:
         base = r0 - HALO
         hi = r0 + BLOCK_R + HALO
-        xw = _window(x_ptr, mask_ptr, base, R, C, cols, col_ok, WIN, DENSE, base, hi)
-        dyw = _window(dy_ptr, mask_ptr, base, R, C, cols, col_ok, WIN, DENSE, base, hi)
-        own = tl.broadcast_to((rows - base).to(tl.int32)[:, None], (BLOCK_R, BLOCK_C))
-        dy = tl.where(visible[:, None], tl.gather(dyw, own, 0), 0.0)  # the block's own rows of the window
-        for t in tl.static_range(KS * KS):
-            idx, ok = _tap(rows, visible, t, nbr_ptr, s_row, s_tap, base, R, H, W, KS, DENSE, WIN)
+        xw = 0.0
+        dyw = 0.0
+        if WIN > 0:
+            xw = _window(x_ptr, mask_ptr, base, R, C, cols, col_ok, WIN, DENSE, base, hi)
+            dyw = _window(dy_ptr, mask_ptr, base, R, C, cols, col_ok, WIN, DENSE, base, hi)
+            own = (rows - base).to(tl.int32)  # the block's own rows of the window
+        else:
+            own = rows
+        dy = _shifted(dyw, dy_ptr, C, cols, col_ok, own, visible, BLOCK_C, WIN)
+        h, w = _position(rows, H, W, DENSE)
+        for t in range(KS * KS):  # not unrolled: 49 taps' hoisted loads spilled on sm_90 (engine/bench/sm90.py)
+            src, ok = _tap(rows, visible, t, nbr_ptr, s_row, s_tap, mask_ptr, base, R, h, w, H, W, KS, DENSE, WIN)
             wv = tl.load(wr_ptr + t * C + cols, mask=col_ok, other=0.0)
-            acc += _shifted(dyw, idx, ok, BLOCK_C) * wv[None, :]
+            acc += _shifted(dyw, dy_ptr, C, cols, col_ok, src, ok, BLOCK_C, WIN) * wv[None, :]
             # tap t of row r reads x[src]; its weight gradient is dy[r] * x[src], summed over r
-            tl.store(part + t * C, tl.sum(dy * _shifted(xw, idx, ok, BLOCK_C), axis=0), mask=col_ok)
+            tl.store(part + t * C, tl.sum(dy * _shifted(xw, x_ptr, C, cols, col_ok, src, ok, BLOCK_C, WIN), axis=0),
+                     mask=col_ok)
         tl.store(part + KS * KS * C, tl.sum(dy, axis=0), mask=col_ok)
     else:  # the block adds nothing to the weight gradient
         for t in tl.static_range(KS * KS + 1):
@@ -164,21 +195,22 @@ def _dwconv_bwd_kernel(
 
 
 def _blocks(halo: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, WIN, num_warps); WIN = the window's rows, BLOCK_R + 2 HALO to a power of two.
+    """(BLOCK_R, BLOCK_C, WIN, num_warps); WIN = the window's rows, BLOCK_R + 2 HALO to a power of two,
+    or 0: no window, each tap's rows read directly.
 
     Interpreter (the counted budget): BLOCK_R >= 8 HALO up to 4096 rows, so the halo adds <= 25% to
-    x's rows. GPU: the x and dy windows sit in registers / shared memory for tl.gather, so blocks stay
-    small: 16 channels, BLOCK_R ~2-4 HALO up to 512 rows (at W = 56 the halo then adds 67% of x's rows,
-    which neighbouring programs read through L2). Not yet timed or compiled on a GPU."""
+    x's rows. GPU: no window. tl.gather from a register tile whose gathered axis spans threads lowers,
+    per tap, to selects over every register of the window: the sm_90 forward at W = 56 (a 1024 x 16
+    window, 49 taps) became 14 MB of PTX that ptxas had not finished after 8 minutes (engine/bench/sm90.py).
+    Read directly, a tile's 49 shifted reads of the same ~(BLOCK_R + 2 HALO) rows are L1 / L2 hits;
+    HBM sees about the window. 128 rows x 32 channels, 8 warps: no sm_90 binary spills (256 rows spilled
+    the dense backward at 8 warps and the dense forward at 4); the backward's per-block weight partials
+    ((K + 1) C fp32 = 200 C bytes) add ~26% to its 768 C bytes of x, dy and dx. Not yet timed on a GPU."""
     if gpu(device) is None:
         block_r = min(max(triton.next_power_of_2(max(8 * halo, 1)), 64), 4096)
         block_c = min(triton.next_power_of_2(C), 128)
-        warps = 4
-    else:
-        block_r = min(max(triton.next_power_of_2(max(2 * halo, 1)), 32), 512)
-        block_c = min(triton.next_power_of_2(C), 16)
-        warps = 8
-    return block_r, block_c, triton.next_power_of_2(block_r + 2 * halo), warps
+        return block_r, block_c, triton.next_power_of_2(block_r + 2 * halo), 4
+    return 128, min(triton.next_power_of_2(C), 32), 0, 8
 
 
 def _table_args(nbr, x):

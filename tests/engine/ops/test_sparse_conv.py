@@ -62,18 +62,20 @@ def _check_rows(backend, x, w, b, m, dtype=None, expect=None):
                                     backend=backend, dtype=dtype, expect=expect, allow_zero=not m.any())
 
 
-def _small_blocks(block_r, block_c):
-    """_blocks as a GPU picks them, fixed: block_r rows, block_c channels, the window around them."""
-    return lambda halo, C, device: (block_r, block_c, 1 << (block_r + 2 * halo - 1).bit_length(), 4)
+def _small_blocks(block_r, block_c, direct=False):
+    """_blocks fixed to block_r rows and block_c channels, with the window around them (the
+    interpreter's kernel) or, direct, with none (the GPU's: each tap's rows read directly)."""
+    return lambda halo, C, device: (block_r, block_c, 0 if direct else 1 << (block_r + 2 * halo - 1).bit_length(), 4)
 
 
-def _gpu_tiles():
-    """GPU-sized tiles under the interpreter: 32-row blocks of 8 channels, so the windows of neighbouring
-    blocks overlap and channel blocks are several (the interpreter otherwise takes all rows at once)."""
+def _gpu_tiles(direct=True):
+    """Small tiles under the interpreter: 32-row blocks of 8 channels, so neighbouring blocks read each
+    other's rows and channel blocks are several (the interpreter otherwise takes all rows at once);
+    direct reads as on a GPU, or the window kernel at small blocks."""
     from engine.ops.sparse_conv import triton as sc_triton
 
     stack = ExitStack()
-    stack.enter_context(mock.patch.object(sc_triton, "_blocks", _small_blocks(32, 8)))
+    stack.enter_context(mock.patch.object(sc_triton, "_blocks", _small_blocks(32, 8, direct)))
     return stack
 
 
@@ -144,9 +146,9 @@ def test_hypothesis_shapes_cpp(**case):
 
 @common.interpreted(0.6)
 @given(**{**SHAPE, "H": st.integers(2, 10), "W": st.integers(2, 10), "C": st.integers(2, 12)},  # interpreter time
-       gpu_tiles=st.booleans())
-def test_hypothesis_shapes_triton(gpu_tiles, **case):
-    with _gpu_tiles() if gpu_tiles else ExitStack():
+       tiles=st.sampled_from(["interpreter", "window", "direct"]))
+def test_hypothesis_shapes_triton(tiles, **case):
+    with _gpu_tiles(tiles == "direct") if tiles != "interpreter" else ExitStack():
         _hypothesis_case("triton", **case)
 
 
@@ -237,16 +239,18 @@ def test_cpp_weight_grad_row_groups():
     _check("cpp", x, w, b, m)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "triton-direct"])
 def test_weight_grad_skips_fully_masked_row_blocks(backend, monkeypatch):
     # The dense layout's weight gradient skips blocks of rows with no visible site (C++: 32 rows;
     # Triton: BLOCK_R, forced to 32 here as on a GPU). Blocks masked only in part (just the last row
     # or just the first row visible) must still count, and a skipped block must contribute nothing.
+    direct = backend == "triton-direct"
+    backend = backend.removesuffix("-direct")
     if backend not in BACKENDS:
         pytest.fail(f"{backend} backend unavailable")
     if backend == "triton":
         from engine.ops.sparse_conv import triton as sc_triton
-        monkeypatch.setattr(sc_triton, "_blocks", _small_blocks(32, 32))
+        monkeypatch.setattr(sc_triton, "_blocks", _small_blocks(32, 32, direct))
     m = torch.zeros(3, 16, 16, dtype=torch.bool)         # W = 16: a 32-row block is 2 image rows
     m[0] = block_mask(1, 16, 16, 4, 0.5)[0]              # patch-aligned
     m[0, 4:8] = False                                    # a row of masked patches: blocks 2, 3 all masked
@@ -270,18 +274,34 @@ def test_cpp_register_blocks_and_channel_tails(dtype, C):
     _check_rows("cpp", x, w, b, m)
 
 
-def test_triton_small_blocks_and_block_partials(monkeypatch):
+@pytest.mark.parametrize("direct", [False, True], ids=["window", "direct"])
+def test_triton_small_blocks_and_block_partials(monkeypatch, direct):
     # On a GPU blocks are small: many weight-gradient partials to add, windows overlapping; force it.
     if "triton" not in BACKENDS:
         pytest.fail("triton backend unavailable")
     from engine.ops.sparse_conv import triton as sc_triton
 
-    monkeypatch.setattr(sc_triton, "_blocks", _small_blocks(16, 8))
+    monkeypatch.setattr(sc_triton, "_blocks", _small_blocks(16, 8, direct))
     m = block_mask(2, 6, 9, 2, 0.6)
     m[1] = False  # rows 54..107: whole 16-row blocks with no visible site skip the taps
     x, w, b, _ = _inputs((2, 6, 9, 11), 3)
     _check("triton", x, w, b, m)
     _check_rows("triton", x, w, b, m)
+
+
+def test_triton_gpu_config_reads_taps_directly_and_matches_reference():
+    # The tiles an H200 gets, run by the interpreter: no window (a register window gathered across
+    # threads compiles to per-element selects on sm_90; see sparse_conv/triton.py _blocks).
+    if "triton" not in BACKENDS:
+        pytest.fail("triton backend unavailable")
+    from engine.ops._target import H200, assume_gpu
+    from engine.ops.sparse_conv import triton as sc_triton
+
+    with assume_gpu(H200):
+        assert sc_triton._blocks(171, 96, torch.device("cpu")) == (128, 32, 0, 8)
+        x, w, b, m = _inputs((2, 9, 7, 40), 7, mask=block_mask(2, 9, 7, 2, 0.6))
+        _check("triton", x, w, b, m)
+        _check_rows("triton", x, w, b, m)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
