@@ -133,7 +133,7 @@ def _dwconv_fwd_kernel(
         if WIN > 0:
             xw = _window(x_ptr, mask_ptr, base, R_in, C, cols, col_ok, WIN, DENSE, base, r0 + BLOCK_R + HALO)
         h, w = _position(rows, H, W, DENSE)
-        for t in tl.static_range(KS * KS):
+        for t in range(KS * KS):  # not unrolled: see the backward
             src, ok = _tap(rows, visible, t, nbr_ptr, s_row, s_tap, mask_ptr, base, R_in, h, w, H, W, KS, DENSE, WIN)
             wv = tl.load(w_ptr + t * C + cols, mask=col_ok, other=0.0)
             acc += _shifted(xw, x_ptr, C, cols, col_ok, src, ok, BLOCK_C, WIN) * wv[None, :]
@@ -178,7 +178,7 @@ def _dwconv_bwd_kernel(
             own = rows
         dy = _shifted(dyw, dy_ptr, C, cols, col_ok, own, visible, BLOCK_C, WIN)
         h, w = _position(rows, H, W, DENSE)
-        for t in range(KS * KS):  # not unrolled: 49 taps' hoisted loads spilled on sm_90 (engine/bench/sm90.py)
+        for t in range(KS * KS):  # not unrolled: 49 taps' hoisted loads spilled on sm_90 (sm90-static.md)
             src, ok = _tap(rows, visible, t, nbr_ptr, s_row, s_tap, mask_ptr, base, R, h, w, H, W, KS, DENSE, WIN)
             wv = tl.load(wr_ptr + t * C + cols, mask=col_ok, other=0.0)
             acc += _shifted(dyw, dy_ptr, C, cols, col_ok, src, ok, BLOCK_C, WIN) * wv[None, :]
