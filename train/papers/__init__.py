@@ -72,7 +72,7 @@ register(Paper(
     name="slip", title="SLIP vs CLIP (equal steps)",
     claim="SLIP >= CLIP zero-shot; SLIP > CLIP linear probe",
     arms=(Arm("clip", "clip"), Arm("slip", "slip")),
-    metric="top1", steps=200, eval_every=50, seeds=(0, 1),
+    metric="top1", steps=600, eval_every=150, seeds=(0, 1),
     probe=("--shapes.label", "shape")))
 
 _MAE = ('{"patch_size": PATCH, "embed_dim": 96, "depth": 4, "num_heads": 3, "decoder_embed_dim": 64, '
