@@ -62,3 +62,24 @@ def test_bad_arguments():
         S.Shapes(resolution=8)
     with pytest.raises(IndexError):
         S.Shapes(size=5)[5]
+
+
+def test_position_label_is_where_the_main_object_is_drawn():
+    # The label names the 3 x 3 cell of the main object's centre: single-object captions end with its class
+    # name, and the centroid of the drawn object's pixels falls in that cell (x and y not swapped).
+    ds = S.Shapes("val", 300, 48, label="position")
+    assert ds.class_names == list(S.POSITIONS) and len(set(S.POSITIONS)) == 9
+    agree = singles = 0
+    for i in range(300):
+        s = ds[i]
+        scene, _ = ds.scene(i)
+        if len(scene["objects"]) != 1:
+            continue
+        singles += 1
+        assert s["caption"].endswith(" " + S.POSITIONS[s["label"]])
+        ys, xs = np.nonzero(s["image"].max(-1) > 100)          # the object (the background is dark)
+        row = 0 if ys.mean() / 48 < 0.38 else 2 if ys.mean() / 48 > 0.62 else 1
+        col = 0 if xs.mean() / 48 < 0.38 else 2 if xs.mean() / 48 > 0.62 else 1
+        agree += s["label"] == 3 * row + col
+    counts = np.bincount([ds[i]["label"] for i in range(300)], minlength=9)
+    assert singles > 100 and agree > 0.85 * singles and counts.min() > 10

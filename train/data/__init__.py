@@ -30,8 +30,8 @@ FORMATS = "'shapes', an ImageFolder directory, or WebDataset shards like data/{0
 class ShapesOptions:
     size: int = opt(100_000, "shapes: train samples per epoch (images are generated, any size works)")
     val_size: int = opt(2_000, "shapes: held-out samples (an independent stream)")
-    label: Literal["shape", "color", "shape_color"] = opt("shape", "shapes: class = main object's shape "
-                                                          "(8) | color (8) | shape_color (64)")
+    label: Literal["shape", "color", "shape_color", "position"] = opt(
+        "shape", "shapes: class = main object's shape (8) | color (8) | shape_color (64) | position (9: 3 x 3 grid)")
     seed: int = opt(0, "shapes: dataset seed (changes the images, not the training order)")
 
 

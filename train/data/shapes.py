@@ -6,9 +6,12 @@ a position and a small rotation. With two objects, the *main* object is strictly
 other one and drawn on top, so it is always identifiable; the pair is related by a spatial word
 (above / below / left of / right of), which is also how the second object is placed.
 
-Labels (`label=`): "shape" (default, 8 classes: the main object's shape), "color" (8) or
-"shape_color" (64: shape x colour of the main object). Captions describe every object, e.g.
-"a large striped red triangle above a small blue circle" (texture omitted when solid).
+Labels (`label=`): "shape" (default, 8 classes: the main object's shape), "color" (8),
+"shape_color" (64: shape x colour of the main object) or "position" (9: the cell of a 3 x 3 grid that
+holds the main object's centre, "at the top left" .. "at the bottom right", as single-object captions
+say; only features that keep *where* things are predict it: added for long-sequence MAE's ablation, which
+the paper evaluates on localisation). Captions describe every object, e.g. "a large striped red triangle
+above a small blue circle" (texture omitted when solid).
 
 Splits: sample i of split s is drawn from numpy's SeedSequence([seed, s, i]); the train split is
 s = 0 and the held-out split s = 1, so the two are independent streams (no stored files, any size,
@@ -34,7 +37,8 @@ SIZE_NAMES = tuple(SIZES)
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 RELATIONS = {"above": (0, -1), "below": (0, 1), "left of": (-1, 0), "right of": (1, 0)}
 INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
-LABELS = ("shape", "color", "shape_color")
+LABELS = ("shape", "color", "shape_color", "position")
+ROWS, COLS = ("top", "", "bottom"), ("left", "", "right")  # the 3 x 3 grid: cuts at 0.38 and 0.62 of the side
 SPLITS = {"train": 0, "val": 1}
 _RGB = np.array(list(COLORS.values()), dtype=np.float32)
 
@@ -46,6 +50,8 @@ def class_names(label: str = "shape") -> list[str]:
         return list(COLOR_NAMES)
     if label == "shape_color":
         return [f"{c} {s}" for s in SHAPES for c in COLOR_NAMES]
+    if label == "position":
+        return list(POSITIONS)
     raise ValueError(f"label must be one of {LABELS}, got {label!r}")
 
 
@@ -154,15 +160,24 @@ def _phrase(obj: dict) -> str:
     return "a " + " ".join(words)
 
 
-def _where(xy) -> str:
+def _cell(xy) -> tuple[int, int]:
+    """(row, column) of a position in [0, 1]^2 on the 3 x 3 grid (0 = top / left, 2 = bottom / right)."""
     x, y = xy
-    col = "left" if x < 0.38 else "right" if x > 0.62 else ""
-    row = "top" if y < 0.38 else "bottom" if y > 0.62 else ""
+    return (0 if y < 0.38 else 2 if y > 0.62 else 1), (0 if x < 0.38 else 2 if x > 0.62 else 1)
+
+
+def _where(xy) -> str:
+    r, c = _cell(xy)
+    row, col = ROWS[r], COLS[c]
     if row and col:
         return f"at the {row} {col}"
     if row:
         return f"at the {row}"
     return f"on the {col}" if col else "in the center"
+
+
+# the "position" label's class names, row-major: the phrases single-object captions end with
+POSITIONS = tuple(_where(((c + 0.5) / 3, (r + 0.5) / 3)) for r in range(3) for c in range(3))
 
 
 def caption(scene: dict, flip: bool = False) -> str:
@@ -184,6 +199,9 @@ def label_of(scene: dict, label: str = "shape") -> int:
         return main["color"]
     if label == "shape_color":
         return main["shape"] * len(COLORS) + main["color"]
+    if label == "position":
+        row, col = _cell(main["xy"])
+        return 3 * row + col
     raise ValueError(f"label must be one of {LABELS}, got {label!r}")
 
 
@@ -234,7 +252,7 @@ class Shapes:
         split: "train" or "val" (independent streams, see the module docstring).
         size: number of samples (the epoch length); any index below it is valid.
         resolution: image side in pixels (any value >= 16).
-        label: "shape" | "color" | "shape_color".
+        label: "shape" | "color" | "shape_color" | "position".
         seed: the dataset seed (not the training seed: changing it changes the images).
     """
 

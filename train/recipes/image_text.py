@@ -148,6 +148,8 @@ def default_templates(cfg, kind: str) -> list[str]:
             return [f"a {s} {c} {{}}" for s in sizes for c in colors]
         if label == "color":
             return [f"a {s} {{}} {n}" for s in sizes for n in names]
+        if label == "position":                     # single-object captions: "a large red circle at the top left"
+            return [f"a {s} {c} {n} {{}}" for s in sizes for c in colors for n in names]
         return [f"a {s} {{}}" for s in sizes]      # shape_color class names: "red circle"
     if kind == "folder":
         return ["{}"]                               # trained on class-name captions
