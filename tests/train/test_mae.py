@@ -59,7 +59,7 @@ def test_evaluation_masks_are_fixed_and_leave_training_randomness_alone(tmp_path
     assert torch.equal(state, torch.get_rng_state())
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "grid"])
 def test_probe_features_are_the_unmasked_encoders(tmp_path, pool):
     from train.recipes import get
     from train.trainer import Trainer
@@ -71,8 +71,25 @@ def test_probe_features_are_the_unmasked_encoders(tmp_path, pool):
     batch = t.prepare(next(iter(t.loader)))
     tokens = t.module.forward_features(batch["image"])           # (B, 1 + 16, 32): every patch, no mask
     feats = t.task.embed(t.module, batch)
-    assert tokens.shape == (16, 17, 32) and feats.shape == (16, 32)
-    assert torch.equal(feats, tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1))
+    assert tokens.shape == (16, 17, 32)
+    if pool == "grid":  # 4 x 4 patches, 4 x 4 grid: every patch token in raster order, concatenated
+        assert torch.equal(feats, tokens[:, 1:].reshape(16, 16 * 32))
+    else:
+        assert feats.shape == (16, 32)
+        assert torch.equal(feats, tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1))
+
+
+def test_grid_features_average_each_cell_in_place():
+    from train.recipes.mae import grid_features
+
+    # an 8 x 8 token map whose token (r, c) is [r, c]: the 4 x 4 grid's cell (i, j) averages rows 2i, 2i + 1
+    # and columns 2j, 2j + 1, so it holds [2i + 0.5, 2j + 0.5], in raster order of the cells
+    rc = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(1, 64, 2)
+    cells = grid_features(rc, 4).view(4, 4, 2)
+    i, j = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    assert torch.equal(cells, torch.stack([2 * i + 0.5, 2 * j + 0.5], -1))
+    with pytest.raises(ValueError, match="not a square grid divisible by 4"):
+        grid_features(torch.zeros(1, 36, 2), 4)
 
 
 def test_long_sequence_mask_units(tmp_path):

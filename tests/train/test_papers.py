@@ -9,7 +9,7 @@ from train import cli
 from train.papers import PAPERS, Arm, Paper, Stage, report
 
 
-@pytest.mark.slow  # 7-36 s on the shared 2-core machine (load-dependent): every paper's arms train 4 steps
+@pytest.mark.slow  # 20-50 s on the shared 2-core machine (load-dependent): every paper's arms train 4 steps
 def test_smoke_every_paper_trains_evaluates_and_reports(tmp_path, capsys):
     out = str(tmp_path / "papers")
     assert cli.main(["bench", "papers", "--smoke", "--out", out]) == 0
@@ -20,7 +20,7 @@ def test_smoke_every_paper_trains_evaluates_and_reports(tmp_path, capsys):
         for r in result["runs"]:
             assert r["steps"] == 4 and r["session_steps"] == 4, r  # it trained, in this session
             assert r["curve"] and [s for s, _ in r["curve"]] == [2, 4]  # and evaluated along the way
-            assert 0.0 <= r["final"] <= 1.0
+            assert 0.0 <= r["final"] <= 1.0 if paper.percent else r["final"] >= 0.0  # an accuracy, or a loss
         with open(os.path.join(out, f"{name}.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         md = open(os.path.join(out, f"{name}.md")).read()

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, device=None) -> int:
         summary = report.summarize(paper, results)
         command = (f"kfe bench papers {name}" + (" --smoke" if smoke else "")
                    + f" --seeds {','.join(map(str, seeds))}")
-        files = report.write(summary, results, out, command)
+        files = report.write(summary, results, out, command, paper.plot_extra)
         print(report.markdown(summary, command))
         print(f"wrote {', '.join(files)}", file=sys.stderr)
         problems = check(summary, results)

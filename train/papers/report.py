@@ -27,6 +27,9 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
                  "finals": [r["final"] for r in mine], "steps": mine[0]["steps"] if mine else 0}
         if paper.probe is not None:
             entry["probe_mean"], entry["probe_std"] = _stats([r["probe"]["top1"] for r in mine])
+        if paper.score_columns:
+            entry["scores"] = {key: _stats([r["score"].get(key, math.nan) for r in mine if "score" in r])
+                               for key, _, _ in paper.score_columns}
         arms[arm.name] = entry
     effects = {}
     for arm in paper.arms[1:]:
@@ -37,6 +40,9 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
         if paper.probe is not None:
             eff["probe_delta"] = a["probe_mean"] - b["probe_mean"]
             eff["probe_spread"] = max(a["probe_std"], b["probe_std"])
+        if paper.score_columns:
+            eff["scores"] = {key: (a["scores"][key][0] - b["scores"][key][0],
+                                   max(a["scores"][key][1], b["scores"][key][1])) for key, _, _ in paper.score_columns}
         effects[f"{arm.name} - {base}"] = eff
     chance = {"metric": next((r["chance"] for r in runs if r.get("chance") is not None), None),
               "probe": next((r["probe"].get("chance") for r in runs if "probe" in r), None)}
@@ -54,7 +60,9 @@ def summarize(paper: Paper, runs: list[dict]) -> dict:
         if mine:
             pretrain[arm.pretrain.name]["arms"].append(arm.name)
     out = {"paper": paper.name, "title": paper.title, "claim": paper.claim, "metric": paper.metric,
-           "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance}
+           "notes": paper.notes, "arms": arms, "effects": effects, "chance": chance, "percent": paper.percent}
+    if paper.score_columns:
+        out["score_columns"] = [list(c) for c in paper.score_columns]
     if pretrain:
         out["pretrain"] = pretrain
     if paper.analyze is not None:
@@ -86,22 +94,27 @@ def markdown(summary: dict, command: str) -> str:
                   + "".join(f", its {what} probe {_pct(p[key][0])} ± {_pct(p[key][1])}%"
                             for what, key in (("k-NN", "knn_top1"), ("linear", "linear_top1")) if key in p)
                   + f"; {', '.join(p['arms'])} start from its weights (`--init`).", ""]
-    head = f"| arm | steps | seeds | {summary['metric']} % (mean ± std) |" + (" linear probe % |" if probe else "")
+    pct = summary.get("percent", True)  # an accuracy (shown in %), or a value shown as it is (e.g. a loss)
+    val = _pct if pct else (lambda x: "n/a" if x is None or math.isnan(x) else f"{x:.4f}")
+    head = (f"| arm | steps | seeds | {summary['metric']}{' %' if pct else ''} (mean ± std) |"
+            + (" linear probe % |" if probe else ""))
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, a in summary["arms"].items():
         row = (f"| {name} | {a['steps']} | {','.join(map(str, a['seeds']))} | "
-               f"{_pct(a['final_mean'])} ± {_pct(a['final_std'])} |")
+               f"{val(a['final_mean'])} ± {val(a['final_std'])} |")
         if probe:
             row += f" {_pct(a['probe_mean'])} ± {_pct(a['probe_std'])} |"
         lines.append(row)
-    lines += ["", "| effect | metric Δ (points) | vs seed spread |" + (" probe Δ | vs spread |" if probe else ""),
+    lines += ["", f"| effect | metric Δ{' (points)' if pct else ''} | vs seed spread |"
+              + (" probe Δ | vs spread |" if probe else ""),
               "|---|---|---|" + ("---|---|" if probe else "")]
     for name, e in summary["effects"].items():
-        row = (f"| {name} | {100 * e['metric_delta']:+.1f} | "
-               f"{_verdict(e['metric_delta'], e['metric_spread'])} |")
+        delta = f"{100 * e['metric_delta']:+.1f}" if pct else f"{e['metric_delta']:+.4f}"
+        row = f"| {name} | {delta} | {_verdict(e['metric_delta'], e['metric_spread'])} |"
         if probe:
             row += f" {100 * e['probe_delta']:+.1f} | {_verdict(e['probe_delta'], e['probe_spread'])} |"
         lines.append(row)
+    lines += _score_tables(summary)
     chance = summary.get("chance") or {}
     if chance.get("metric") is not None:
         lines += ["", f"Chance (majority class of the held-out set): {summary['metric']} {_pct(chance['metric'])}%"
@@ -111,28 +124,55 @@ def markdown(summary: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def _score_tables(summary: dict) -> list[str]:
+    """The scores of each arm (mean ± std over seeds) and each effect's score differences."""
+    columns = summary.get("score_columns")
+    if not columns:
+        return []
+
+    def fmt(x: float, pct: bool, sign: str = "") -> str:
+        return "n/a" if math.isnan(x) else f"{100 * x if pct else x:{sign}.{1 if pct else 2}f}"
+
+    lines = ["", "| arm | " + " | ".join(head for _, head, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, a in summary["arms"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{fmt(a['scores'][k][0], pct)} ± {fmt(a['scores'][k][1], pct)}" for k, _, pct in columns) + " |")
+    lines += ["", "| effect | " + " | ".join(f"{head} Δ" for _, head, _ in columns) + " |",
+              "|---" * (len(columns) + 1) + "|"]
+    for name, e in summary["effects"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{fmt(e['scores'][k][0], pct, '+')} ({_verdict(*e['scores'][k])})" for k, _, pct in columns) + " |")
+    return lines
+
+
 def _write(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def plot(summary: dict, runs: list[dict], path: str) -> None:
+def plot(summary: dict, runs: list[dict], path: str, extra=None) -> None:
+    """The metric against steps, every run; `extra(ax, runs)` draws a second panel beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if extra is None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+    else:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        extra(ax2, runs)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(summary["arms"]):
         for j, r in enumerate(r for r in runs if r["arm"] == name):
             if r["curve"]:
                 xs, ys = zip(*r["curve"])
-                ax.plot(xs, [100 * y for y in ys], color=colors[i % len(colors)], marker="o", markersize=3,
+                ys = [100 * y for y in ys] if summary.get("percent", True) else ys
+                ax.plot(xs, ys, color=colors[i % len(colors)], marker="o", markersize=3,
                         alpha=0.8, label=name if j == 0 else None)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{summary['metric']} (%)")
+    ax.set_ylabel(f"{summary['metric']}" + (" (%)" if summary.get("percent", True) else ""))
     ax.set_title(summary["title"], fontsize=9)
     ax.legend()
     fig.tight_layout()
@@ -141,10 +181,10 @@ def plot(summary: dict, runs: list[dict], path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
-def write(summary: dict, runs: list[dict], out: str, command: str) -> list[str]:
+def write(summary: dict, runs: list[dict], out: str, command: str, extra_plot=None) -> list[str]:
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, summary["paper"])
     _write(base + ".json", json.dumps({**summary, "command": command, "runs": runs}, indent=1) + "\n")
     _write(base + ".md", markdown(summary, command))
-    plot(summary, runs, base + ".png")
+    plot(summary, runs, base + ".png", extra_plot)
     return [base + ".md", base + ".json", base + ".png"]

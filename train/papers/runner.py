@@ -122,7 +122,28 @@ def run_arm(paper: Paper, arm: Arm, seed: int, runs: str, smoke: bool = False, q
                 m = evaluate_checkpoint(run_dir, "linear", overrides=[*paper.probe, *extra],
                                         probe_samples=64 if smoke else 2000)
             out["probe"] = {"top1": m["linear_top1"], "chance": m["chance"]}
-            with open(probe_path + ".tmp", "w") as f:
-                json.dump(out["probe"], f)
-            os.replace(probe_path + ".tmp", probe_path)
+            _write_json(probe_path, out["probe"])
+    if paper.score is not None:
+        score_path = os.path.join(run_dir, "score.json")
+        cached = _read_json(score_path)
+        # A score is for one checkpoint: a run trained further (or retrained) since is scored again.
+        if cached is None or cached.get("step") != out["steps"]:
+            with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+                cached = {"step": out["steps"], **paper.score(out, smoke, paths)}
+            _write_json(score_path, cached)
+        out["score"] = cached
     return out
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+    """Written to a temporary name and renamed: a crash never leaves half a file to be read back."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)

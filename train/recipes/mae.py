@@ -18,6 +18,7 @@ patch 4, decoder dim 64 x 2 blocks) on 32 px shapes, batch 64.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -41,8 +42,9 @@ class MAEConfig(TrainConfig):
     mask_unit: int = opt(0, "mask unit side in pixels, a multiple of the patch size (0 = one patch; "
                             "long-sequence MAE: e.g. 32 for 2x2 patches of 16)")
     norm_pix_loss: bool = opt(True, "regress per-patch normalised pixels (MAE Table 1d)")
-    feature_pool: Literal["cls", "mean"] = opt("cls", "probe features: the cls token (MAE's linear probe) or "
-                                                      "the mean patch token")
+    feature_pool: Literal["cls", "mean", "grid"] = opt(
+        "cls", "probe features: the cls token (MAE's linear probe), the mean patch token, or grid: the patch "
+               "tokens averaged to a 4 x 4 grid and concatenated (keeps where things are; any patch size)")
     probe_samples: int = opt(5000, "training images the k-NN / linear probe fit (0 = no probes)")
     eval_samples: int = opt(2000, "held-out images for the reconstruction loss and the probes")
     # MAE Table 8
@@ -97,6 +99,20 @@ def build_model(cfg: MAEConfig, device=None):
         return models.create_model(cfg.model, **kw)
 
 
+PROBE_GRID = 4  # feature_pool = grid: the token map averaged to 4 x 4 cells (16 tokens at 32 px with 8 px patches)
+
+
+def grid_features(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, h * w, D) patch tokens in raster order -> (B, grid * grid * D): each cell's mean token, so models
+    with different patch sizes give features of one size (the position-sensitive probe of long-sequence MAE)."""
+    b, n, d = patches.shape
+    side = math.isqrt(n)
+    if side * side != n or side % grid:
+        raise ValueError(f"grid probe: {n} patch tokens are not a square grid divisible by {grid}")
+    cells = patches.reshape(b, grid, side // grid, grid, side // grid, d).mean((2, 4))   # (B, grid, grid, D)
+    return cells.reshape(b, grid * grid * d)
+
+
 def build_task(cfg: MAEConfig, data: Data, info: DistInfo) -> Task:
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
@@ -116,7 +132,11 @@ def build_task(cfg: MAEConfig, data: Data, info: DistInfo) -> Task:
 
     def embed(module, batch):
         tokens = module.forward_features(batch["image"])   # (B, 1 + L, D), nothing masked
-        return tokens[:, 0] if cfg.feature_pool == "cls" else tokens[:, 1:].mean(1)
+        if cfg.feature_pool == "cls":
+            return tokens[:, 0]
+        if cfg.feature_pool == "mean":
+            return tokens[:, 1:].mean(1)
+        return grid_features(tokens[:, 1:], PROBE_GRID)
 
     def batches(split, limit):
         return eval_batches(split.dataset, cfg.eval_batch_size, info.rank, info.world,
