@@ -59,7 +59,7 @@ def test_evaluation_masks_are_fixed_and_leave_training_randomness_alone(tmp_path
     assert torch.equal(state, torch.get_rng_state())
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean", "grid"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "grid", "tokens"])
 def test_probe_features_are_the_unmasked_encoders(tmp_path, pool):
     from train.recipes import get
     from train.trainer import Trainer
@@ -72,7 +72,7 @@ def test_probe_features_are_the_unmasked_encoders(tmp_path, pool):
     tokens = t.module.forward_features(batch["image"])           # (B, 1 + 16, 32): every patch, no mask
     feats = t.task.embed(t.module, batch)
     assert tokens.shape == (16, 17, 32)
-    if pool == "grid":  # 4 x 4 patches, 4 x 4 grid: every patch token in raster order, concatenated
+    if pool in ("grid", "tokens"):  # 4 x 4 patches (= the 4 x 4 grid): every patch token in raster order
         assert torch.equal(feats, tokens[:, 1:].reshape(16, 16 * 32))
     else:
         assert feats.shape == (16, 32)

@@ -42,9 +42,10 @@ class MAEConfig(TrainConfig):
     mask_unit: int = opt(0, "mask unit side in pixels, a multiple of the patch size (0 = one patch; "
                             "long-sequence MAE: e.g. 32 for 2x2 patches of 16)")
     norm_pix_loss: bool = opt(True, "regress per-patch normalised pixels (MAE Table 1d)")
-    feature_pool: Literal["cls", "mean", "grid"] = opt(
-        "cls", "probe features: the cls token (MAE's linear probe), the mean patch token, or grid: the patch "
-               "tokens averaged to a 4 x 4 grid and concatenated (keeps where things are; any patch size)")
+    feature_pool: Literal["cls", "mean", "grid", "tokens"] = opt(
+        "cls", "probe features: the cls token (MAE's linear probe), the mean patch token, grid: the patch tokens "
+               "averaged to a 4 x 4 grid and concatenated (keeps where things are, one size for any patch size), "
+               "or tokens: every patch token concatenated (the full-resolution map dense tasks use)")
     probe_samples: int = opt(5000, "training images the k-NN / linear probe fit (0 = no probes)")
     eval_samples: int = opt(2000, "held-out images for the reconstruction loss and the probes")
     # MAE Table 8
@@ -136,6 +137,8 @@ def build_task(cfg: MAEConfig, data: Data, info: DistInfo) -> Task:
             return tokens[:, 0]
         if cfg.feature_pool == "mean":
             return tokens[:, 1:].mean(1)
+        if cfg.feature_pool == "tokens":
+            return tokens[:, 1:].flatten(1)
         return grid_features(tokens[:, 1:], PROBE_GRID)
 
     def batches(split, limit):
