@@ -140,3 +140,10 @@ def test_shapes_preset_is_the_documented_cpu_run():
     assert preset == "shapes" and cfg.resolution == 96 and cfg.model == "fcmae_convnextv2_atto"
     assert (cfg.batch_size, cfg.steps, cfg.blr, cfg.decoder_embed_dim) == (64, 800, 6e-3, 128)
     assert cfg.mask_ratio == 0.6 and cfg.norm_pix_loss and cfg.init_baseline   # the paper's masking and loss
+
+
+def test_probe_samples_0_trains_and_evaluates_without_probes(tmp_path):
+    # --probe_samples 0 = no probes (a pre-training stage measured only by its fine-tune): the held-out loss
+    # still runs, over the whole held-out split (it used to read probe_samples images: none, then crashed).
+    cfg, summary = _train(tmp_path / "run", "--steps", "2", "--probe_samples", "0")
+    assert set(summary["eval"]) == {"val_loss", "init_val_loss"} and summary["eval"]["val_loss"] > 0  # no probes

@@ -178,3 +178,8 @@ def test_paper_defaults():
     assert cfg.blr * cfg.batch_size / 256 == pytest.approx(1.6e-3)
     assert (cfg.warmup_epochs, cfg.epochs, cfg.min_lr, cfg.clip_grad) == (30.0, 1600.0, 1e-6, 0.02)
     assert (cfg.mask_ratio, cfg.crop_min_scale, cfg.drop_path, cfg.resolution) == (0.4, 0.5, 0.0, 224)
+
+
+def test_probe_samples_0_trains_and_evaluates_without_probes(tmp_path):
+    cfg, summary = _train(tmp_path / "run", "--steps", "2", "--probe_samples", "0")
+    assert set(summary["eval"]) == {"val_loss", "val_loss_floor"}

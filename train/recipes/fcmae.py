@@ -56,7 +56,8 @@ class FCMAEConfig(TrainConfig):
     decoder_embed_dim: int = opt(512, "decoder width")
     decoder_depth: int = opt(1, "decoder ConvNeXt V2 blocks")
     drop_path: float = opt(0.0, "stochastic depth of the encoder (0 in FCMAE pre-training)")
-    probe_samples: int = opt(5000, "training images whose features the k-NN evaluation uses (labelled data)")
+    probe_samples: int = opt(5000, "training images whose features the k-NN / linear probes use (labelled data; "
+                                   "0 = no probes)")
     init_baseline: bool = opt(False, "also evaluate the model at its initialisation (once; a copy is kept)")
     # Table 11 / main_pretrain.py
     resolution: int = opt(224, "image side in pixels (a multiple of the 32 px patch)")
@@ -122,7 +123,8 @@ def build_task(cfg: FCMAEConfig, data: Data, info: DistInfo) -> Task:
     def held_out_loss(module, prepare) -> float:
         gen = torch.Generator().manual_seed(cfg.seed + 1000 * info.rank)  # the same masks at every evaluation
         total = torch.zeros(2, dtype=torch.float64, device=info.device)
-        for batch in eval_batches(data.val.dataset, cfg.eval_batch_size, info.rank, info.world, limit=cfg.probe_samples):
+        for batch in eval_batches(data.val.dataset, cfg.eval_batch_size, info.rank, info.world,
+                                  limit=cfg.probe_samples or None):  # 0 (no probes): the whole held-out split
             imgs = prepare(batch)["image"]
             mask = random_mask(imgs.shape[0], module.grid(imgs), module.mask_ratio, generator=gen).to(imgs.device)
             value, _, _ = module(imgs, mask=mask)
@@ -145,7 +147,7 @@ def build_task(cfg: FCMAEConfig, data: Data, info: DistInfo) -> Task:
 
     def measure(module, prepare) -> dict:
         out = {"val_loss": held_out_loss(module, prepare)}
-        if data.class_names:
+        if data.class_names and cfg.probe_samples > 0:
             out.update(probes(module, prepare))
         return out
 

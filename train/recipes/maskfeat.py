@@ -57,7 +57,7 @@ class MaskFeatConfig(TrainConfig):
     frame_stride: int = opt(4, "video from a frame folder: take every k-th frame (SlowFast's 16 x 4)")
     video_mask: Literal["cube", "tube"] = opt("cube", "video masks: space-time cubes (MaskFeat) or tubes")
     probe: Literal["both", "knn", "linear", "none"] = opt("both", "probes of the held-out evaluation")
-    probe_samples: int = opt(10_000, "training samples whose features the k-NN / linear probe use")
+    probe_samples: int = opt(10_000, "training samples whose features the k-NN / linear probe use (0 = no probes)")
     probe_epochs: int = opt(100, "linear-probe epochs over those features")
     # MaskFeat's ImageNet pre-training (see the module docstring)
     batch_size: int = opt(2048, "global batch per optimizer step (all ranks x accumulation)")
@@ -114,7 +114,7 @@ def build_data(cfg: MaskFeatConfig, info: DistInfo) -> MaskFeatData:
     if cfg.val_data or kind != "webdataset":  # WebDataset shards are held out only when given as val_data
         val = data_mod.open_eval(cfg.val_data or cfg.data, fields=fields, whole=bool(cfg.val_data), **common)
     probe = None
-    if train.class_names and val is not None and cfg.probe != "none":
+    if train.class_names and val is not None and cfg.probe != "none" and cfg.probe_samples > 0:
         probe = data_mod.open_eval(cfg.data, fields=fields, split="train", **common)
     if val is None and info.main:
         warnings.warn(f"no held-out split for {cfg.data!r} (give --val_data): training without evaluation")
