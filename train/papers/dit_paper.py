@@ -177,15 +177,16 @@ def _plot_fd_vs_compute(ax, runs: list[dict]) -> None:
         if "score" in r and r["seed"] == runs[0]["seed"]:
             ax.annotate(r["arm"], (r["score"]["mmacs"], r["score"][f"fd_cfg{SCALES[0]:g}"]), fontsize=8)
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("M multiply-adds per forward (log)")
-    ax.set_ylabel("FD in classifier features (lower = better)")
+    ax.set_ylabel("FD, classifier features (log; lower = better)")
     ax.set_title("sample quality vs model compute", fontsize=9)
     ax.legend()
 
 
 _MODEL = '{"hidden_size": 128, "depth": 4, "num_heads": 4}'
 register(Paper(
-    name="dit", title="DiT: S/8 vs S/4 vs S/2 (same width, more tokens) by a classifier-feature FD; guidance 1 vs 4",
+    name="dit", title="DiT-S/8 vs S/4 vs S/2 (more tokens), guidance 1 vs 4",
     claim="more tokens (smaller patches, more Gflops) give better samples (lower FID) at equal steps; "
           "classifier-free guidance makes samples match their class",
     arms=(Arm("S-8", "dit", ("--model", "dit_s_8", "--model_kwargs", _MODEL)),

@@ -171,6 +171,8 @@ def plot(summary: dict, runs: list[dict], path: str, extra=None) -> None:
                 ys = [100 * y for y in ys] if summary.get("percent", True) else ys
                 ax.plot(xs, ys, color=colors[i % len(colors)], marker="o", markersize=3,
                         alpha=0.8, label=name if j == 0 else None)
+    if not summary.get("percent", True):
+        ax.set_yscale("log")  # losses of different models can differ by orders of magnitude
     ax.set_xlabel("step")
     ax.set_ylabel(f"{summary['metric']}" + (" (%)" if summary.get("percent", True) else ""))
     ax.set_title(summary["title"], fontsize=9)
