@@ -86,9 +86,9 @@ def _cnx_arms(budget: int) -> tuple[Arm, ...]:
 register(Paper(
     name="convnextv2", title="ConvNeXt V2: FCMAE with GRN vs without GRN, fine-tuned (vs scratch)",
     claim="FCMAE pre-training helps fine-tuning with GRN, less (or not) without it",
-    arms=_cnx_arms(40), metric="top1", steps=40, eval_every=10, common=LABEL,
+    arms=(*_cnx_arms(40), *_cnx_arms(80)), metric="top1", steps=40, eval_every=10, common=LABEL,
     notes="label colour, 500 held-out images; ConvNeXt V2 depths 1-1-1-1, dims 16-128, 64 px; FCMAE 150 steps, "
-          "batch 64, mask 0.6 (2 of 4 patches); fine-tune 40 steps, batch 64, layer decay 0.9 (single)"))
+          "batch 64, mask 0.6 (2 of 4 patches); fine-tunes of 40 and 80 steps, batch 64, layer decay 0.9 (single)"))
 
 
 # ---------------------------------------------------------------- MaskFeat (Wei et al., arXiv 2112.09133)
