@@ -412,3 +412,24 @@ def test_fcmae_and_maskfeat_runs_initialise_their_classifiers(tmp_path, capsys, 
     assert kfe_main(["train", "finetune", *args, *ft, "--init", run, "--out", str(tmp_path / "ft")]) == 0
     log = capsys.readouterr().out
     assert f"init from KFE {recipe} checkpoint" in log and new in log and "mask_token" in log, log
+
+
+def test_convnextv2_initialised_from_fcmae_computes_the_encoders_features(tmp_path):
+    # The weights an FCMAE run hands to fine-tuning arrive intact: the dense classifier's pooled features (its
+    # fresh final norm is the identity affine) equal the FCMAE encoder's own on unmasked images.
+    import models
+    from train import checkpoint as ckpt_mod
+    from train.init_weights import load_init
+    from train.run import _checkpoint_path
+
+    run = str(tmp_path / "fcmae")
+    assert kfe_main(["train", "fcmae", *FCMAE, "--out", run, "--lr", "1e-2"]) == 0
+    kw = dict(depths=[1, 1, 1, 1], dims=[8, 16, 32, 64])
+    pre = models.create_model("fcmae_convnextv2_atto", **kw, decoder_embed_dim=32)
+    pre.load_state_dict(ckpt_mod.clean_state_dict(ckpt_mod.load(_checkpoint_path(run))["model"]))
+    clf = models.create_model("convnextv2_atto", **kw, num_classes=8)
+    load_init(clf, run)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = pre.eval().forward_features(x), clf.eval().forward_features(x)
+    assert ((got - want).norm() / want.norm()) < 1e-6
