@@ -192,7 +192,7 @@ register(Paper(
     arms=(Arm("S-8", "dit", ("--model", "dit_s_8", "--model_kwargs", _MODEL)),
           Arm("S-4", "dit", ("--model", "dit_s_4", "--model_kwargs", _MODEL)),
           Arm("S-2", "dit", ("--model", "dit_s_2", "--model_kwargs", _MODEL), baseline="S-4")),
-    metric="mse", percent=False, steps=1200, eval_every=300, seeds=(0, 1, 2), prepare=prepare, score=score,
+    metric="mse", percent=False, steps=1200, eval_every=300, seeds=(0, 1), prepare=prepare, score=score,
     score_columns=(("mmacs", "MMACs", False), ("fd_cfg1", "FD cfg 1", False), ("fd_cfg4", "FD cfg 4", False),
                    ("acc_cfg1", "class acc. cfg 1 %", True), ("acc_cfg4", "class acc. cfg 4 %", True)),
     analyze=_cfg_effect, plot_extra=_plot_fd_vs_compute,
