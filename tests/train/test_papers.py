@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from train import cli
 from train.papers import PAPERS, Arm, Paper, Stage, report
@@ -149,3 +150,17 @@ def test_steps_to_reach_and_head_tail_analysis(tmp_path):
     assert data["head_tail"]["raw"]["head"]["mean"] == 1.0 and data["head_tail"]["raw"]["tail"]["mean"] == 0.0
     s = report.summarize(PAPERS["cit"], runs)
     assert s["analysis"]["ratios"] == [400 / 60] and "Steps cit needs" in report.markdown(s, "cmd")
+
+
+def test_channel_cosine_distance_is_zero_for_collapsed_channels_and_matches_a_loop():
+    from train.papers.finetune_papers import channel_cosine_distance
+
+    same = torch.rand(2, 3, 3, 1).expand(2, 3, 3, 5)             # every channel the same map: collapsed
+    assert channel_cosine_distance(same) == pytest.approx(0.0, abs=1e-12)
+    a = torch.randn(2, 4, 3, 6, generator=torch.Generator().manual_seed(0))
+    ref = []
+    for img in a:                                                # the paper's formula, one pair at a time
+        maps = img.reshape(12, 6).T
+        ref.append(sum((1 - torch.nn.functional.cosine_similarity(maps[i], maps[j], dim=0)) / 2
+                       for i in range(6) for j in range(6)) / 36)
+    assert channel_cosine_distance(a) == pytest.approx(float(sum(ref) / 2), rel=1e-6)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import torch
+
 from train.papers import Arm, Paper, Stage, register
 
 LABEL = ("--shapes.label", "color", "--shapes.val_size", "500")
@@ -64,8 +67,9 @@ register(Paper(
 # ---------------------------------------------------------------- ConvNeXt V2 (Woo et al., arXiv 2301.00808)
 # Sec. 3.2 / Table 2: FCMAE on ConvNeXt without GRN fine-tunes worse than with GRN (GRN fixes the feature
 # collapse FCMAE otherwise causes). The fcmae shapes preset's 4-stage, 1-block-per-stage ConvNeXt V2
-# (here at 64 px: 2x2 patches of 32 px, 2 masked, to keep drawing the images cheap); `grn: false` removes GRN from every encoder block and from the
-# fine-tuned model (the decoder block keeps it, as the paper's ablation changes the encoder).
+# (here at 64 px: 2x2 patches of 32 px, 2 masked, to keep drawing the images cheap); `grn: false` removes GRN
+# from every encoder block and from the fine-tuned model (the decoder block keeps it, as the paper's ablation
+# changes the encoder). The analysis also measures the collapse itself (feature_diversity).
 _CNX = dict(depths=[1, 1, 1, 1], dims=[16, 32, 64, 128])
 _CNX_FT = ("--model", "convnextv2_atto", "--resolution", "64", "--layer_decay", "0.9", "--layer_decay_type", "single")
 _FC = ("--resolution", "64", "--num_workers", "0", "--init_baseline", "false", "--probe_samples", "1000")
@@ -83,12 +87,66 @@ def _cnx_arms(budget: int) -> tuple[Arm, ...]:
             Arm(f"fcmae-nogrn-{budget}", "finetune", nogrn, pretrain=FCMAE_NOGRN, baseline=f"fcmae-{budget}"))
 
 
+def channel_cosine_distance(act: torch.Tensor) -> float:
+    """ConvNeXt V2's feature cosine distance (Sec. 3.1): for activations (N, H, W, C), the mean over images of
+    (1 - cos(X_i, X_j)) / 2 over every channel pair, X_i channel i's H*W map. Low = collapsed (channels alike)."""
+    n, h, w, c = act.shape
+    maps = torch.nn.functional.normalize(act.reshape(n, h * w, c).double(), dim=1)
+    return float(((1 - maps.transpose(1, 2) @ maps) / 2).mean())
+
+
+def feature_diversity(runs: list[dict], images: int = 64) -> tuple[dict, list[str]]:
+    """Per block, the cosine distance of the expansion-MLP activations (after GELU, before GRN: where the paper
+    looks) of each FCMAE encoder (with / without GRN) and of a random one, on held-out images."""
+    import models
+    from train.data.shapes import Shapes
+    from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from train.init_weights import load_init
+    from train.papers.report import _stats
+
+    stages = {}
+    for r in runs:
+        if "pretrain" in r:
+            stages.setdefault(r["pretrain"]["stage"], {})[r["seed"]] = r["pretrain"]["run_dir"]
+    if not stages:
+        return {}, []
+    ds = Shapes("val", images, 64, "color", 0)
+    x = torch.from_numpy(np.stack([ds[i]["image"] for i in range(images)])).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    seeds = sorted({s for runs_of in stages.values() for s in runs_of})
+
+    def distances(name: str, seed: int) -> list[float]:
+        torch.manual_seed(seed)
+        model = models.create_model("convnextv2_atto", **_CNX, num_classes=8, grn=name != "fcmae-nogrn")
+        if name != "random":
+            load_init(model, stages[name][seed])
+        acts = []
+        for stage in model.stages:
+            for block in stage:
+                block.act.register_forward_hook(lambda mod, inp, out: acts.append(out))
+        with torch.no_grad():
+            model.eval()(x)
+        return [channel_cosine_distance(a) for a in acts]
+
+    data, lines = {}, ["", f"Feature cosine distance (the paper's Sec. 3.1 collapse measure; expansion-MLP "
+                           f"activations, {images} held-out images; mean ± std over seeds {seeds}):", "",
+                       "| encoder | " + " | ".join(f"block {i + 1}" for i in range(len(_CNX["depths"]))) + " |",
+                       "|---" * (len(_CNX["depths"]) + 1) + "|"]
+    for name in (*stages, "random"):
+        per_seed = [distances(name, s) for s in seeds if name == "random" or s in stages[name]]
+        blocks = [_stats([d[i] for d in per_seed]) for i in range(len(per_seed[0]))]
+        data[name] = blocks
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in blocks) + " |")
+    return {"feature_cosine_distance": data}, lines
+
+
 register(Paper(
     name="convnextv2", title="ConvNeXt V2: FCMAE with GRN vs without GRN, fine-tuned (vs scratch)",
     claim="FCMAE pre-training helps fine-tuning with GRN, less (or not) without it",
     arms=(*_cnx_arms(40), *_cnx_arms(80)), metric="top1", steps=40, eval_every=10, common=LABEL,
     notes="label colour, 500 held-out images; ConvNeXt V2 depths 1-1-1-1, dims 16-128, 64 px; FCMAE 150 steps, "
-          "batch 64, mask 0.6 (2 of 4 patches); fine-tunes of 40 and 80 steps, batch 64, layer decay 0.9 (single)"))
+          "batch 64, mask 0.6 (2 of 4 patches); fine-tunes of 40 and 80 steps, batch 64, layer decay 0.9 (single)",
+    analyze=feature_diversity))
 
 
 # ---------------------------------------------------------------- MaskFeat (Wei et al., arXiv 2112.09133)
