@@ -99,18 +99,14 @@ _MAE = ('{"patch_size": PATCH, "embed_dim": 96, "depth": 4, "num_heads": 3, "dec
 # averaged away), 75.8 ± 2.3 vs 77.7 ± 0.4%.
 def _probe_context(runs: list[dict]) -> tuple[dict, list[str]]:
     """The same linear probe on raw pixels, and the k-NN probe of each arm (from the runs' last evaluations)."""
-    import json
-    import os
-
     from train.papers.report import _stats
+    from train.papers.runner import _records
 
     last = {}
     for r in runs:
-        path = os.path.join(r["run_dir"], "metrics.jsonl")
-        if os.path.isfile(path):
-            evals = [e for e in map(json.loads, open(path)) if e.get("kind") == "eval" and "pixel_linear_top1" in e]
-            if evals:
-                last[(r["arm"], r["seed"])] = evals[-1]
+        evals = [e for e in _records(r["run_dir"]) if e.get("kind") == "eval" and "pixel_linear_top1" in e]
+        if evals:
+            last[(r["arm"], r["seed"])] = evals[-1]
     if not last:
         return {}, []
     pixels = _stats([e["pixel_linear_top1"] for e in last.values()])

@@ -164,17 +164,18 @@ def plot(summary: dict, runs: list[dict], path: str, extra=None) -> None:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
         extra(ax2, runs)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    pct = summary.get("percent", True)
     for i, name in enumerate(summary["arms"]):
         for j, r in enumerate(r for r in runs if r["arm"] == name):
             if r["curve"]:
                 xs, ys = zip(*r["curve"])
-                ys = [100 * y for y in ys] if summary.get("percent", True) else ys
+                ys = [100 * y for y in ys] if pct else ys
                 ax.plot(xs, ys, color=colors[i % len(colors)], marker="o", markersize=3,
                         alpha=0.8, label=name if j == 0 else None)
-    if not summary.get("percent", True):
+    if not pct:
         ax.set_yscale("log")  # losses of different models can differ by orders of magnitude
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{summary['metric']}" + (" (%)" if summary.get("percent", True) else ""))
+    ax.set_ylabel(f"{summary['metric']}" + (" (%)" if pct else ""))
     ax.set_title(summary["title"], fontsize=9)
     ax.legend()
     fig.tight_layout()

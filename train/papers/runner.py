@@ -113,10 +113,8 @@ def run_arm(paper: Paper, arm: Arm, seed: int, runs: str, smoke: bool = False, q
         out["pretrain"] = pre
     if paper.probe is not None:
         probe_path = os.path.join(run_dir, "probe.json")
-        if os.path.isfile(probe_path):
-            with open(probe_path) as f:
-                out["probe"] = json.load(f)
-        else:
+        out["probe"] = _read_json(probe_path)
+        if out["probe"] is None:
             extra = ["--eval_batch_size", "64"] if smoke else []
             with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
                 m = evaluate_checkpoint(run_dir, "linear", overrides=[*paper.probe, *extra],
@@ -143,7 +141,6 @@ def _read_json(path: str) -> dict | None:
 
 
 def _write_json(path: str, value: dict) -> None:
-    """Written to a temporary name and renamed: a crash never leaves half a file to be read back."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
+    from train.papers.report import _write  # temporary name + rename: never half a file to read back
+
+    _write(path, json.dumps(value))
